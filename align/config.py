@@ -1,0 +1,294 @@
+"""Typed configuration: shared sub-configs, composed into one dataclass per stage.
+
+A stage config is loaded from YAML and then `key=value` command-line overrides, on top of the
+dataclass defaults (OmegaConf structured configs do the merging and type checks). Unknown keys
+and wrong types raise `ConfigError` naming the key and the file, and the resolved config is
+saved beside the stage's outputs with `save_config`.
+
+Importing this module pulls in only omegaconf and the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake, with the file and the key it concerns."""
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model name, a local directory saved with `save_pretrained`, or a built-in
+    # tiny model ("builtin:tiny-1m", "builtin:tiny-8m", "builtin:tiny-30m") that needs no download.
+    name_or_path: str = "builtin:tiny-1m"
+    # Tokenizer name or directory; defaults to the model's. "builtin:synthetic" is the local one.
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    # Parameter dtype when the model is built or loaded: float32, bfloat16 or float16.
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    # Executes Python code shipped with a hub model: off unless the user turns it on.
+    trust_remote_code: bool = False
+    # Attention implementation passed to transformers ("eager", "sdpa", "flash_attention_2").
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+
+
+@dataclass
+class SourceConfig:
+    # A local file (.json, .jsonl, .parquet, .csv), a local directory of such files, a Hugging
+    # Face dataset name, or "builtin:<split>" for the embedded default task (see align.task).
+    path: str = MISSING
+    split: str = "train"
+    # Hugging Face dataset configuration (subset) name.
+    subset: Optional[str] = None
+    # Map this framework's field names to the source's columns, e.g. {prompt: question}.
+    columns: Dict[str, str] = field(default_factory=dict)
+    # Relative sampling weight when several sources are mixed.
+    weight: float = 1.0
+    # Keep only the first N rows of this source (after the split is selected).
+    max_rows: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_positive("data.*.weight", self.weight)
+
+
+@dataclass
+class DataConfig:
+    train: List[SourceConfig] = field(default_factory=list)
+    eval: List[SourceConfig] = field(default_factory=list)
+    # Held-out fraction of the training rows, used when no eval source is given.
+    eval_fraction: float = 0.0
+    max_length: int = 256
+    max_prompt_length: int = 128
+    # raise: stop at the first bad row with its file, row and field; drop: skip and count it.
+    on_error: str = "raise"
+    # Concatenate short examples into full rows (padding-free); SFT only.
+    packing: bool = False
+    # Apply the tokenizer's chat template to prompts when it has one.
+    use_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("data.on_error", self.on_error, ["raise", "drop"])
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        check_positive("data.max_length", self.max_length)
+        check_positive("data.max_prompt_length", self.max_prompt_length)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"data.max_length ({self.max_length}) to leave room for the response"
+            )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # constant, linear (decay to 0) or cosine, each after `warmup_steps` of linear warm-up.
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    # Clip the global gradient norm to this value; 0 turns clipping off.
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("optim.scheduler", self.scheduler, ["constant", "linear", "cosine"])
+        check_positive("optim.lr", self.lr, allow_zero=True)
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage 0 (plain data parallel), 1, 2 or 3 (parameters sharded too).
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # fp32, bf16 or fp16 mixed precision.
+    precision: str = "fp32"
+    # Sequences per rank per forward; global batch = micro_batch_size * grad_accum_steps * ranks.
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    # ZeRO-3 keeps parameters smaller than this replicated; 0 shards everything.
+    param_persistence_threshold: Optional[int] = None
+    # A DeepSpeed JSON file given by the user; its keys win over the ones built from this config.
+    raw_config: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_choice("deepspeed.zero_stage", self.zero_stage, [0, 1, 2, 3])
+        check_choice("deepspeed.precision", self.precision, ["fp32", "bf16", "fp16"])
+        check_positive("deepspeed.micro_batch_size", self.micro_batch_size)
+        check_positive("deepspeed.grad_accum_steps", self.grad_accum_steps)
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+
+
+@dataclass
+class RayConfig:
+    # None or "local": start a Ray on this machine. "auto" or an address: join that cluster
+    # (the RAY_ADDRESS environment variable is honoured too).
+    address: Optional[str] = None
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    # 0 on CPU; 1 to give each rank a GPU. None picks 1 when Ray sees GPUs, else 0.
+    gpus_per_actor: Optional[float] = None
+    # PACK keeps a group's actors on few nodes; SPREAD puts them on different nodes.
+    placement_strategy: str = "PACK"
+    # nccl on GPU, gloo on CPU when "auto".
+    backend: str = "auto"
+    # Cap Ray's shared-memory object store (bytes) when Ray is started here.
+    object_store_memory: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_positive("ray.num_actors", self.num_actors)
+        check_choice(
+            "ray.placement_strategy",
+            self.placement_strategy,
+            ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        )
+        check_choice("ray.backend", self.backend, ["auto", "gloo", "nccl"])
+
+
+@dataclass
+class TrackingConfig:
+    # wandb or none. wandb runs offline when no API key is set (files land in the run dir).
+    backend: str = "wandb"
+    # auto: online with an API key, offline without; or offline, online, disabled.
+    mode: str = "auto"
+    project: str = "align-stack"
+    group: Optional[str] = None
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_choice("tracking.backend", self.backend, ["wandb", "none"])
+        check_choice("tracking.mode", self.mode, ["auto", "offline", "online", "disabled"])
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps; when 0, `epochs` full passes over the training data are run.
+    max_steps: int = 0
+    epochs: float = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    # Keep this many of the newest checkpoints (older ones are deleted after a good save).
+    keep_checkpoints: int = 2
+    # Resume from the newest checkpoint in the run directory when there is one.
+    resume: bool = True
+
+
+@dataclass
+class StageConfig:
+    """Parts every stage has. A stage's config adds its own fields beside these."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    # The stage writes everything (config, checkpoints, model, metrics) under this directory.
+    run_dir: str = "runs/default"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(getattr(err, "msg", None) or err).split("\n")[0]
+    if "Key '" in msg and "not in" in msg:
+        msg = "unknown key"
+    return f"{key}: {msg}" if key else msg
+
+
+def _merge(base, layer, source: str):
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(
+    cls: Type[T],
+    path: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    base: Optional[Dict[str, Any]] = None,
+) -> T:
+    """Builds `cls` from its defaults, then `base`, then the YAML at `path`, then overrides.
+
+    Raises ConfigError naming the file (or "command line") and the key for unknown keys,
+    wrong types and invalid values.
+    """
+    cfg = OmegaConf.structured(cls)
+    if base:
+        cfg = _merge(cfg, OmegaConf.create(base), "base config")
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors come from yaml, not omegaconf
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        cfg = _merge(cfg, loaded, path)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    source = path or "command line"
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Writes the fully resolved config as YAML (atomically)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(to_yaml(cfg))
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""Model builders shared by every stage: causal LMs (policy, reference) and scalar-scoring
+models (reward model, PPO value model), from a hub name, a local directory or the built-in
+tiny family; and saving in Hugging Face format (safetensors) so any stage's output loads with
+`from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+
+from align.config import ModelConfig
+from align.models.tokenizer import VOCAB_SIZE, build_builtin_tokenizer, load_tokenizer
+
+# The built-in tiny Llama family, randomly initialised (parameter counts with the built-in
+# 512-token vocabulary and tied embeddings).
+TINY_MODELS: Dict[str, Dict[str, int]] = {
+    # about 0.9M parameters
+    "builtin:tiny-1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),
+    # about 6.6M parameters
+    "builtin:tiny-8m": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, intermediate_size=704),
+    # about 25M parameters
+    "builtin:tiny-30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path.startswith("builtin:")
+
+
+def tiny_llama_config(name: str, tokenizer=None, **overrides: Any):
+    from transformers import LlamaConfig
+
+    if name not in TINY_MODELS:
+        raise ValueError(f"model.name_or_path: unknown built-in model {name!r}; choose from {sorted(TINY_MODELS)}")
+    tokenizer = tokenizer or build_builtin_tokenizer()
+    sizes = TINY_MODELS[name]
+    return LlamaConfig(
+        vocab_size=max(VOCAB_SIZE, len(tokenizer)),
+        max_position_embeddings=1024,
+        num_key_value_heads=sizes["num_attention_heads"],
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sizes,
+        **overrides,
+    )
+
+
+def build_tokenizer(cfg: ModelConfig):
+    return load_tokenizer(cfg.tokenizer or cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+
+
+def _finish(model, cfg: ModelConfig, tokenizer):
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def _load_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
+    return dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
+    """A causal LM from `cfg`; the built-in family is initialised from `seed`."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if is_builtin(cfg.name_or_path):
+        config = tiny_llama_config(cfg.name_or_path, tokenizer, attn_implementation=cfg.attn_implementation)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).to(DTYPES[cfg.dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_load_kwargs(cfg))
+    return _finish(model, cfg, tokenizer)
+
+
+def build_scalar_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
+    """A model that maps every token to one scalar (reward model, PPO value model).
+
+    From a causal-LM checkpoint (e.g. the SFT stage's output) the backbone is reused and a
+    new one-output head is initialised from `seed`.
+    """
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if is_builtin(cfg.name_or_path):
+            config = tiny_llama_config(cfg.name_or_path, tokenizer, num_labels=1,
+                                       attn_implementation=cfg.attn_implementation)
+            model = LlamaForSequenceClassification(config).to(DTYPES[cfg.dtype])
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.name_or_path, num_labels=1, **_load_kwargs(cfg)
+            )
+    return _finish(model, cfg, tokenizer)
+
+
+def scalar_head(model) -> torch.nn.Module:
+    """The final projection to one scalar of a sequence-classification model."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__}: no scalar head found (expected .score or .classifier)")
+
+
+def token_scalars(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """Per-token scalar outputs (B, T) of a scalar model: the value head at every position."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return scalar_head(model)(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last non-padding token, for left- or right-padded rows."""
+    T = attention_mask.shape[1]
+    return (T - 1) - attention_mask.flip(dims=[1]).long().argmax(dim=1)
+
+
+def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) scalar score of each sequence, read at its last non-padding token.
+
+    Uses the attention mask, not `pad_token_id`, so a tokenizer whose pad token equals its EOS
+    token (common for hub models) still scores at the EOS that ends the response.
+    """
+    values = token_scalars(model, input_ids, attention_mask)
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_pretrained(model, tokenizer, out_dir: str, extra_config: Optional[Dict[str, Any]] = None,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Saves model (safetensors) and tokenizer in Hugging Face format, atomically.
+
+    `extra_config` entries are stored in the model's config.json (e.g. reward normalisation).
+    `state_dict` overrides the model's own tensors (e.g. weights gathered from ZeRO-3 shards).
+    """
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    for key, value in (extra_config or {}).items():
+        setattr(model.config, key, value)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,75 @@
+"""Tokenizers: the built-in one (trained locally, no download) and Hugging Face ones."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+BUILTIN_TOKENIZER = "builtin:synthetic"
+SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Each turn is a role token, its text and a newline; generation starts after <|assistant|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+VOCAB_SIZE = 512
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from align.task.synthetic import tokenizer_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[*SPECIAL_TOKENS.values(), *ROLE_TOKENS],
+        # Every byte is in the vocabulary, so any text (user data too) can be encoded.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def build_builtin_tokenizer():
+    """A byte-level BPE tokenizer trained on the default task, with pad/bos/eos and a chat template.
+
+    Deterministic: the corpus is fixed and BPE training breaks ties by order, so two processes
+    build the same vocabulary (tests/models check this).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_builtin_tokenizer_json()),
+        additional_special_tokens=ROLE_TOKENS,
+        **SPECIAL_TOKENS,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """Loads a tokenizer by hub name or directory, or builds the built-in one.
+
+    A tokenizer without a pad token gets its EOS token as pad, the usual choice for causal LMs.
+    """
+    if name_or_path in (BUILTIN_TOKENIZER,) or name_or_path.startswith("builtin:tiny"):
+        return build_builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

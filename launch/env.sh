@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the project's virtual environment in .venv if it is missing, then activates it.
+# Sourced by launch/quickstart.sh and launch/test.sh; safe to source repeatedly.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ALIGN_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.installed-$(cat "$ROOT/setup.cfg" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+  echo "[env] building $VENV (first run takes about a minute)" >&2
+  python3 -m venv "$VENV"
+  # pip warns once per package about index folders it cannot read; the warnings are noise.
+  pip_quiet() { "$VENV/bin/pip" install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+  pip_quiet --upgrade pip setuptools wheel
+  # torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
+  pip_quiet "torch==2.13.0"
+  pip_quiet -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+# One thread per rank is set by the engine; outside it, use the machine's cores.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export TOKENIZERS_PARALLELISM=false
