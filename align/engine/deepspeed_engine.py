@@ -1,0 +1,325 @@
+"""The one module that owns DeepSpeed.
+
+It turns a stage config into a DeepSpeed config, builds train / eval-only engines, gathers
+ZeRO-3 parameters for generation and export, writes atomic checkpoints, and tears the process
+group down cleanly. Stages never import deepspeed themselves.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from align.config import ConfigError, DeepSpeedConfig, OptimConfig
+
+LATEST = "latest"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, train: bool = True) -> Dict[str, Any]:
+    """The DeepSpeed JSON for one engine. Keys of `ds.raw_config` (a user's file) win."""
+    zero: Dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1 and ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if ds.param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+        # Export gathers full weights on rank 0 (save_16bit_model).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum_steps if train else 1,
+        "train_batch_size": ds.micro_batch_size * (ds.grad_accum_steps if train else 1) * world_size,
+        "zero_optimization": zero,
+        "gradient_clipping": optim.grad_clip if train else 0.0,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        # A torch optimizer may be offloaded too; no cpu_adam build needed.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.raw_config:
+        if not os.path.exists(ds.raw_config):
+            raise ConfigError(f"deepspeed.raw_config: file not found: {ds.raw_config}")
+        try:
+            with open(ds.raw_config) as fh:
+                user = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{ds.raw_config}: not valid JSON: {err}") from None
+        config = _deep_update(config, user)
+    return config
+
+
+def _deep_update(base: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the base LR at each step: linear warm-up, then constant, linear or cosine."""
+    warmup, total = optim.warmup_steps, max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if optim.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------------------------
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str = "auto") -> None:
+    """Joins the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    backend = default_backend() if backend == "auto" else backend
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def teardown(barrier: bool = True) -> None:
+    """Destroys the process group so gloo does not abort at interpreter exit.
+
+    A gloo thread can free a pending collective during Python shutdown ("terminate called
+    without an active exception"); collecting engines first and destroying the group avoids it.
+    Callers drop their engine references before calling this. Skip the barrier when a peer
+    may be dead (it would wait forever).
+    """
+    gc.collect()
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy); identity when not distributed."""
+    t = t.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t) / world_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_train_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig, total_steps: int):
+    """A DeepSpeed training engine with AdamW and the configured LR schedule."""
+    import deepspeed
+
+    config = build_ds_config(ds, optim, world_size())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def init_eval_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig):
+    """A frozen engine (reference or reward model): ZeRO-3 shards it, otherwise stage 0."""
+    import deepspeed
+
+    model.eval().requires_grad_(False)
+    config = build_ds_config(ds, optim, world_size(), train=False)
+    if ds.zero_stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def is_zero3(engine) -> bool:
+    return getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+
+
+@contextmanager
+def gathered_parameters(engine):
+    """Full parameters on every rank inside the block (ZeRO-3), e.g. for `generate`."""
+    import deepspeed
+
+    if is_zero3(engine):
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`generate` that works under ZeRO-3: ranks stay in step while lengths differ."""
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    sync = is_zero3(engine) and world_size() > 1
+    with torch.no_grad():
+        out = module.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=sync, **kwargs)
+    module.train(was_training)
+    return out
+
+
+def full_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
+    """Full fp32/16-bit weights on rank 0 (None elsewhere), gathering ZeRO-3 shards."""
+    if is_zero3(engine):
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if rank() == 0 else None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank() == 0 else None
+
+
+def export_hf(engine, tokenizer, out_dir: str, extra_config: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Exports the engine's model in Hugging Face format (safetensors); all ranks must call."""
+    from align.models.builders import save_pretrained
+
+    state = full_state_dict(engine)
+    path = None
+    if rank() == 0:
+        path = save_pretrained(engine.module, tokenizer, out_dir, extra_config, state_dict=state)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Tag of the newest complete checkpoint, or None."""
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as fh:
+        tag = fh.read().strip()
+    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2) -> str:
+    """Saves model, optimizer, scheduler, RNG and `client_state` (e.g. data position).
+
+    Atomic: ranks write `step<k>.tmp`; rank 0 renames it to `step<k>` and then points `latest`
+    at it, so a crash while saving leaves the previous good checkpoint as `latest`.
+    """
+    tag = f"step{step}"
+    tmp_tag = f"{tag}.tmp"
+    state = dict(client_state, rng=_rng_state(), step=step)
+    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank() == 0:
+        final = os.path.join(ckpt_dir, tag)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(os.path.join(ckpt_dir, tmp_tag), final)
+        pointer = os.path.join(ckpt_dir, LATEST)
+        with open(pointer + ".tmp", "w") as fh:
+            fh.write(tag)
+        os.replace(pointer + ".tmp", pointer)
+        _prune(ckpt_dir, keep)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep: int) -> None:
+    tags = [d for d in os.listdir(ckpt_dir) if d.startswith("step")]
+    for d in tags:
+        if d.endswith(".tmp"):  # left by a crash during an earlier save
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    done = sorted((d for d in tags if not d.endswith(".tmp")), key=lambda d: int(d[4:]))
+    for d in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+
+
+def load_checkpoint(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    """Restores the newest checkpoint into `engine`; returns its client state, or None."""
+    tag = latest_checkpoint(ckpt_dir)
+    if tag is None:
+        return None
+    _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if client_state is None:
+        raise RuntimeError(f"{ckpt_dir}/{tag}: checkpoint could not be loaded")
+    _set_rng_state(client_state["rng"])
+    return client_state
+

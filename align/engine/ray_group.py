@@ -1,0 +1,232 @@
+"""The one module that owns Ray.
+
+A stage runs as one or more `ActorGroup`s: N actors, each one torch.distributed rank of the
+group's own process group, hosting a "role" object (the stage's per-rank worker class) built
+after the process group is up. The driver calls the role's methods on every rank and gets
+their results back; if an actor raises or dies, the driver gets a `GroupError` naming the
+group, the rank and the cause, and the group is shut down, never left hanging.
+
+    start_ray(cfg.ray)
+    group = ActorGroup("policy", cfg.ray)
+    group.setup(SFTWorker, cfg)               # builds a SFTWorker on every rank
+    metrics = group.call("train_step")        # list, one entry per rank
+    group.shutdown()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from align.config import RayConfig
+
+log = logging.getLogger("align.engine")
+
+# Environment every actor inherits from the driver (when set there).
+_FORWARDED_ENV = ("ALIGN_CACHE", "HF_HOME", "HF_DATASETS_CACHE", "TORCH_EXTENSIONS_DIR", "WANDB_MODE",
+                  "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "PYTHONHASHSEED")
+
+
+class GroupError(RuntimeError):
+    """An actor of a group raised or died. `.group`, `.rank` and `.cause` say which and why."""
+
+    def __init__(self, group: str, rank: int, cause: str, details: str = ""):
+        self.group, self.rank, self.cause = group, rank, cause
+        super().__init__(f"group '{group}' rank {rank} failed: {cause}" + (f"\n{details}" if details else ""))
+
+
+def start_ray(cfg: RayConfig) -> None:
+    """Joins the cluster at `ray.address` / RAY_ADDRESS, or starts a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        object_store_memory=cfg.object_store_memory,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """One rank. Hosts the role object and runs its methods."""
+
+    def __init__(self, group: str, rank: int, world_size: int, threads: int, env: Dict[str, str]):
+        import warnings
+
+        # torch.distributed deprecation notices from inside DeepSpeed would repeat every step.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.update(env)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                          OMP_NUM_THREADS=str(threads))
+        import torch
+
+        # Each rank gets its share of the cores; oversubscription makes steps 3-7x slower.
+        torch.set_num_threads(threads)
+        self.group, self.rank, self.role = group, rank, None
+
+    def address(self) -> tuple:
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int, backend: str, factory: Callable, args, kwargs) -> str:
+        from align.engine.deepspeed_engine import init_distributed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        init_distributed(backend)
+        self.role = factory(*args, **kwargs)
+        return ray.util.get_node_ip_address()
+
+    def call(self, method: str, args, kwargs) -> Any:
+        return getattr(self.role, method)(*args, **kwargs)
+
+    def teardown(self) -> None:
+        from align.engine.deepspeed_engine import teardown
+
+        close = getattr(self.role, "close", None)
+        if callable(close):
+            close()
+        self.role = None
+        teardown()
+
+
+class ActorGroup:
+    """N actors forming one process group (policy, value, reference, reward, or a whole stage)."""
+
+    def __init__(self, name: str, cfg: RayConfig, num_actors: Optional[int] = None,
+                 pg: Optional[PlacementGroup] = None, bundle_offset: int = 0, share: float = 1.0):
+        self.name = name
+        self.world_size = num_actors or cfg.num_actors
+        gpus = cfg.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if gpus > 0 else "gloo")
+        bundle = {"CPU": cfg.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+        # A shared placement group is how groups are colocated on the same devices: each
+        # colocated group then asks for a `share` of every bundle (e.g. 0.5 for two groups).
+        self._own_pg = pg is None
+        self.pg = pg or placement_group([bundle] * self.world_size, strategy=cfg.placement_strategy)
+        if not self.pg.wait(timeout_seconds=120):
+            remove_placement_group(self.pg)
+            raise GroupError(name, -1, f"Ray could not place {self.world_size} actors of {bundle} "
+                                       f"(cluster has {ray.cluster_resources()})")
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        threads = max(1, int(cfg.cpus_per_actor))
+        remote = ray.remote(Worker)
+        self.actors = [
+            remote.options(
+                num_cpus=cfg.cpus_per_actor * share,
+                num_gpus=gpus * share,
+                name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=bundle_offset + r),
+            ).remote(name, r, self.world_size, threads, env)
+            for r in range(self.world_size)
+        ]
+        self.nodes: List[str] = []
+
+    # -- running ------------------------------------------------------------------------------
+
+    def setup(self, factory: Callable, *args, **kwargs) -> None:
+        """Starts the process group and builds `factory(*args, **kwargs)` on every rank."""
+        addr, port = self._get([self.actors[0].address.remote()])[0]
+        refs = [a.setup.remote(addr, port, self.backend, factory, args, kwargs) for a in self.actors]
+        self.nodes = self._get(refs)
+
+    def call_async(self, method: str, *args, per_rank: Optional[Sequence[tuple]] = None, **kwargs) -> List[Any]:
+        """Starts `role.method` on every rank; `per_rank[r]` gives rank r its own positional args."""
+        return [
+            a.call.remote(method, per_rank[r] if per_rank is not None else args, kwargs)
+            for r, a in enumerate(self.actors)
+        ]
+
+    def call(self, method: str, *args, per_rank: Optional[Sequence[tuple]] = None, **kwargs) -> List[Any]:
+        return self._get(self.call_async(method, *args, per_rank=per_rank, **kwargs))
+
+    def get(self, refs: List[Any]) -> List[Any]:
+        return self._get(refs)
+
+    def _get(self, refs: List[Any], timeout: Optional[float] = None) -> List[Any]:
+        """Results in rank order; the first failure of any rank raises at once."""
+        pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
+            if not ready:
+                self.kill()
+                raise GroupError(self.name, -1, f"no answer within {timeout} s")
+            try:
+                ray.get(ready[0])
+            except Exception as err:  # noqa: BLE001 - any actor failure is reported the same way
+                rank = refs.index(ready[0])
+                cause, details = _describe_failure(err)
+                self.kill()
+                raise GroupError(self.name, rank, cause, details) from None
+        return ray.get(list(refs))
+
+    # -- shutting down ------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Tears the process group down on every rank, then ends the actors."""
+        if not self.actors:
+            return
+        try:
+            ray.get([a.teardown.remote() for a in self.actors], timeout=timeout)
+        except Exception as err:  # noqa: BLE001 - shutting down anyway
+            log.warning("group %s: teardown failed (%s); killing its actors", self.name, err)
+        self.kill()
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.actors = []
+        if self._own_pg:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _describe_failure(err: Exception) -> tuple:
+    """A one-line cause and the remote traceback of an actor failure."""
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+    if isinstance(err, RayTaskError):
+        cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else None
+        if cause is not None:
+            return f"{type(cause).__name__}: {cause}", str(err)
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else repr(err), str(err)
+    if isinstance(err, (ActorDiedError, RayActorError)):
+        return f"actor died ({str(err).strip().splitlines()[0]})", str(err)
+    return f"{type(err).__name__}: {err}", "".join(traceback.format_exception(err))
+
+
+def create_placement_group(num_bundles: int, cfg: RayConfig, gpus: float = 0.0) -> PlacementGroup:
+    """A placement group that several groups share (colocation): pass it as `pg=`."""
+    bundle = {"CPU": cfg.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+    pg = placement_group([bundle] * num_bundles, strategy=cfg.placement_strategy)
+    pg.wait(timeout_seconds=120)
+    return pg
