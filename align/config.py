@@ -68,6 +68,8 @@ class SourceConfig:
     split: str = "train"
     # Hugging Face dataset configuration (subset) name.
     subset: Optional[str] = None
+    # Hub dataset revision (branch, tag or commit) to pin; ignored for local paths.
+    revision: Optional[str] = None
     # Map this framework's field names to the source's columns, e.g. {prompt: question}.
     columns: Dict[str, str] = field(default_factory=dict)
     # Relative sampling weight when several sources are mixed.
@@ -266,15 +268,28 @@ def load_config(
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
+    before_overrides = cfg
     if overrides:
         cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
-    source = path or "command line"
     try:
         return OmegaConf.to_object(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+    except (ConfigError, OmegaConfBaseException) as err:
+        msg = str(err) if isinstance(err, ConfigError) else _describe(err)
+        # Values are checked once all layers are merged; blame the overrides only when the
+        # config was valid without them, so `deepspeed.zero_stage=5` names the command line.
+        if overrides and _is_valid(before_overrides):
+            source = "command line"
+        else:
+            source = path or ("base config" if base else "command line")
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def _is_valid(cfg) -> bool:
+    try:
+        OmegaConf.to_object(cfg)
+    except (ConfigError, OmegaConfBaseException):
+        return False
+    return True
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -142,6 +142,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def barrier_if_distributed() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy); identity when not distributed."""
     t = t.detach().clone()

@@ -1,0 +1,57 @@
+"""Sampling responses from a policy: one function for SFT samples, PPO rollouts, online DPO
+and evaluation, so every method is sampled the same way.
+
+The engine seam: `generate_fn(input_ids, attention_mask, **kwargs)` is the deepspeed engine's
+ZeRO-3-safe `generate` by default; an optional vLLM engine can provide the same call on GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from align.data.collate import collate_prompts
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Greedy decoding when False (temperature and top_p are then ignored).
+    do_sample: bool = True
+
+
+@dataclass
+class Samples:
+    prompt_ids: List[List[int]]
+    response_ids: List[List[int]]  # EOS included when the response ended with it
+    texts: List[str]  # decoded responses, special tokens removed
+    ended_with_eos: List[bool]
+
+
+def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
+           micro_batch_size: int = 16, seed: Optional[int] = None) -> Samples:
+    """Samples one response per prompt, in micro-batches of left-padded prompts."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses, texts, ended = [], [], []
+    for start in range(0, len(prompt_ids), micro_batch_size):
+        chunk = [{"prompt_ids": list(p)} for p in prompt_ids[start:start + micro_batch_size]]
+        batch = collate_prompts(chunk, pad)
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, eos_token_id=eos,
+                      pad_token_id=pad)
+        if cfg.do_sample:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        out = generate_fn(batch["input_ids"], batch["attention_mask"], **kwargs)
+        width = batch["input_ids"].shape[1]
+        for row in out[:, width:].tolist():
+            # Tokens after EOS are padding; a row without EOS ran out of new tokens (never padded).
+            response = row[: row.index(eos) + 1] if eos in row else row
+            responses.append(response)
+            ended.append(eos in row)
+            texts.append(tokenizer.decode(response, skip_special_tokens=True).strip())
+    return Samples([list(p) for p in prompt_ids], responses, texts, ended)

@@ -1,0 +1,143 @@
+"""Run directories: what makes a stage reproducible and reusable.
+
+Each stage writes, under its `run_dir`:
+    config.yaml     the fully resolved config
+    run_info.json   stage, seed, data fingerprint, package versions, git commit, config hash
+    metrics.jsonl   one JSON object per logged step
+    checkpoints/    DeepSpeed checkpoints (resumable)
+    model/          the exported model in Hugging Face format (safetensors)
+    DONE.json       written last: final metrics and timings; a finished stage is reused when
+                    its config hash and inputs match
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from align.config import save_config, to_yaml
+
+PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "ray", "wandb", "tokenizers", "numpy")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: str
+
+    @property
+    def config(self) -> str:
+        return os.path.join(self.path, "config.yaml")
+
+    @property
+    def info(self) -> str:
+        return os.path.join(self.path, "run_info.json")
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.path, "metrics.jsonl")
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def model(self) -> str:
+        return os.path.join(self.path, "model")
+
+    @property
+    def done(self) -> str:
+        return os.path.join(self.path, "DONE.json")
+
+
+def package_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit(path: Optional[str] = None) -> Optional[str]:
+    """The commit of the project's checkout, with '-dirty' when it has uncommitted changes."""
+    cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def config_hash(cfg: Any, ignore: tuple = ("run_dir", "tracking")) -> str:
+    """Hash of the settings that change a stage's result (not where it writes or how it logs)."""
+    import dataclasses
+
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+    fields.get("train", {}).pop("resume", None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: Any, stage: str, data_fingerprint: str, inputs: Optional[Dict[str, str]] = None) -> RunDir:
+    """Creates the run directory and writes config.yaml and run_info.json."""
+    run = RunDir(cfg.run_dir)
+    os.makedirs(run.path, exist_ok=True)
+    save_config(cfg, run.config)
+    info = {
+        "stage": stage,
+        "seed": cfg.seed,
+        "config_hash": config_hash(cfg),
+        "data_fingerprint": data_fingerprint,
+        "inputs": inputs or {},
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+    }
+    write_json(run.info, info)
+    return run
+
+
+def finish(run: RunDir, summary: Dict[str, Any]) -> None:
+    info = read_json(run.info) or {}
+    write_json(run.done, dict(summary, config_hash=info.get("config_hash"),
+                              data_fingerprint=info.get("data_fingerprint"), inputs=info.get("inputs", {})))
+
+
+def finished(cfg: Any, data_fingerprint: str, inputs: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Any]]:
+    """The DONE summary when this exact stage (config, data, inputs) already finished, else None."""
+    done = read_json(RunDir(cfg.run_dir).done)
+    if not done:
+        return None
+    same = (done.get("config_hash") == config_hash(cfg) and done.get("data_fingerprint") == data_fingerprint
+            and done.get("inputs", {}) == (inputs or {}))
+    return done if same else None
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Optional[Any]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def describe(cfg: Any) -> str:
+    return to_yaml(cfg)
