@@ -44,3 +44,32 @@ def ray_session(_isolated_environment):
     start_ray(RayConfig(object_store_memory=200 * 1024**2))
     yield
     ray.shutdown()
+
+
+def quick_overrides(run_dir, **extra):
+    """Overrides that keep a stage tiny and fast in tests (no wandb files, tiny model)."""
+    base = {"run_dir": str(run_dir), "tracking.backend": "none", "model.name_or_path": "builtin:tiny-1m"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(ray_session, tmp_path_factory):
+    """An SFT policy trained once per session on the default task (about 30 s), in HF format.
+
+    Reward-model, DPO, KTO and PPO tests start from it, as the pipeline does.
+    """
+    from align.config import load_config
+    from rlhf import sft
+
+    run_dir = tmp_path_factory.mktemp("sft")
+    cfg = load_config(sft.SFTConfig, "configs/sft/default.yaml", quick_overrides(
+        run_dir, **{"train.max_steps": 150, "train.eval_every": 0, "train.save_every": 0, "final_samples": 16}))
+    summary = sft.run(cfg, reuse=False)
+    return summary["model_dir"]
+
+
+@pytest.fixture(scope="session")
+def quick():
+    """`quick(run_dir, **overrides)` -> list of key=value overrides for a tiny, fast stage."""
+    return quick_overrides
