@@ -9,12 +9,13 @@ import importlib
 import sys
 from typing import List, Optional
 
+# stage -> (module, default config, config class in that module)
 STAGES = {
-    "sft": ("rlhf.sft", "configs/sft/default.yaml"),
-    "reward_model": ("reward_model.train", "configs/reward_model/default.yaml"),
-    "dpo": ("direct.trainer", "configs/dpo/default.yaml"),
-    "kto": ("direct.kto", "configs/kto/default.yaml"),
-    "ppo": ("rlhf.ppo", "configs/ppo/default.yaml"),
+    "sft": ("rlhf.sft", "configs/sft/default.yaml", "SFTConfig"),
+    "reward_model": ("reward_model.train", "configs/reward_model/default.yaml", "RMConfig"),
+    "dpo": ("direct.trainer", "configs/dpo/default.yaml", "DPOConfig"),
+    "kto": ("direct.kto", "configs/kto/default.yaml", "KTOConfig"),
+    "ppo": ("rlhf.ppo", "configs/ppo/default.yaml", "PPOConfig"),
 }
 
 
@@ -39,6 +40,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"stage {name!r} is not available in this version", file=sys.stderr)
         return 2
     return module.main(rest)
+
+
+def config_class(stage: str):
+    """The config dataclass of `stage`, or None when the stage is not in this version."""
+    module = _optional(STAGES[stage][0])
+    return getattr(module, STAGES[stage][2], None) if module is not None else None
 
 
 def _optional(module: str):

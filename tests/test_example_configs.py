@@ -1,0 +1,46 @@
+"""Every shipped YAML config loads into its stage's config class (real-model examples too:
+they cannot run here, but a typo in one must not wait for a GPU cluster to be found)."""
+
+import glob
+import os
+
+import pytest
+
+from align.config import load_config
+from launch.cli import STAGES, config_class
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _configs():
+    out = []
+    for stage in STAGES:
+        paths = glob.glob(os.path.join(ROOT, "configs", stage, "*.yaml"))
+        paths += glob.glob(os.path.join(ROOT, "configs", "examples", f"{stage}_*.yaml"))
+        out += [(stage, p) for p in sorted(paths)]
+    return out
+
+
+@pytest.mark.parametrize("stage,path", _configs(), ids=lambda v: os.path.relpath(v, ROOT) if "/" in str(v) else v)
+def test_shipped_config_loads(stage, path):
+    cls = config_class(stage)
+    if cls is None:
+        pytest.fail(f"{path}: config for stage {stage!r}, whose module is missing")
+    cfg = load_config(cls, path)
+    assert cfg.run_dir and cfg.model.name_or_path
+    assert cfg.model.trust_remote_code is False
+
+
+def test_every_stage_has_a_default_config_or_no_module():
+    shipped = {stage for stage, _ in _configs()}
+    assert "sft" in shipped
+    for stage in STAGES:
+        if config_class(stage) is not None:
+            assert os.path.exists(os.path.join(ROOT, STAGES[stage][1])), stage
+
+
+def test_real_model_examples_use_zero3_and_bf16():
+    cfg = load_config(config_class("sft"), os.path.join(ROOT, "configs/examples/sft_llama8b_zero3_offload_multinode.yaml"))
+    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (3, "bf16")
+    assert cfg.deepspeed.offload_optimizer and cfg.deepspeed.offload_params
+    assert cfg.ray.address == "auto" and cfg.ray.num_actors == 16
