@@ -1,0 +1,99 @@
+"""Tokenized examples -> padded torch tensors, one collator per kind.
+
+`loss_mask[b, t] = 1` when token t is a response token (EOS included) to be scored; the
+log-prob function (align.models.logprobs) does the shift. Training batches are right-padded;
+generation prompts are left-padded so every row's last token sits at the end.
+All integer tensors are int64; `pad_to_multiple_of` rounds T up (e.g. 8 for tensor cores).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+Batch = Dict[str, torch.Tensor]
+
+
+def _width(seqs: Sequence[Sequence[int]], multiple: Optional[int]) -> int:
+    width = max(len(s) for s in seqs)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    return width
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int, width: int, left: bool = False) -> torch.Tensor:
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            row = torch.as_tensor(list(s), dtype=torch.long)
+            if left:
+                out[i, width - len(s):] = row
+            else:
+                out[i, : len(s)] = row
+    return out
+
+
+def _sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+               multiple: Optional[int], prefix: str = "") -> Batch:
+    """Right-padded prompt+response rows with their attention and loss masks."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+    width = _width(seqs, multiple)
+    return {
+        f"{prefix}input_ids": pad(seqs, pad_id, width),
+        f"{prefix}attention_mask": pad([[1] * len(s) for s in seqs], 0, width),
+        f"{prefix}loss_mask": pad(masks, 0, width),
+    }
+
+
+def collate_sft(examples: List[dict], pad_id: int, pad_to_multiple_of: Optional[int] = None) -> Batch:
+    """input_ids, attention_mask, loss_mask (B, T); position_ids too for packed rows."""
+    seqs = [e["input_ids"] for e in examples]
+    width = _width(seqs, pad_to_multiple_of)
+    batch = {
+        "input_ids": pad(seqs, pad_id, width),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0, width),
+        "loss_mask": pad([e["loss_mask"] for e in examples], 0, width),
+    }
+    if "position_ids" in examples[0]:
+        batch["position_ids"] = pad([e["position_ids"] for e in examples], 0, width)
+    return batch
+
+
+def collate_pairwise(examples: List[dict], pad_id: int, pad_to_multiple_of: Optional[int] = None) -> Batch:
+    """One batch for a single forward: input_ids/attention_mask/loss_mask (2B, T), rows 0..B-1
+    prompt+chosen and rows B..2B-1 prompt+rejected of the same examples; margin, weight (B,)."""
+    prompts = [e["prompt_ids"] for e in examples] * 2
+    responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    batch = _sequences(prompts, responses, pad_id, pad_to_multiple_of)
+    batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples], dtype=torch.float32)
+    batch["weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples], dtype=torch.float32)
+    return batch
+
+
+def collate_binary(examples: List[dict], pad_id: int, pad_to_multiple_of: Optional[int] = None,
+                   max_length: Optional[int] = None) -> Batch:
+    """KTO batch: (prompt_i, completion_i) rows with label (B,) bool, and the mismatched rows
+    (prompt_i, completion_{(i+1) mod B}) as kl_* tensors, whose log-ratio estimates the KL term
+    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306). With B = 1 the KL row is the
+    matched one. `max_length` cuts mismatched completions to fit beside their new prompt."""
+    prompts = [e["prompt_ids"] for e in examples]
+    completions = [e["completion_ids"] for e in examples]
+    batch = _sequences(prompts, completions, pad_id, pad_to_multiple_of)
+    batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+    shifted = completions[1:] + completions[:1]
+    if max_length is not None:
+        shifted = [c[: max(0, max_length - len(p))] for p, c in zip(prompts, shifted)]
+    batch.update(_sequences(prompts, shifted, pad_id, pad_to_multiple_of, prefix="kl_"))
+    return batch
+
+
+def collate_prompts(examples: List[dict], pad_id: int, pad_to_multiple_of: Optional[int] = None) -> Batch:
+    """Left-padded prompt input_ids and attention_mask (B, T), ready for `generate`."""
+    seqs = [e["prompt_ids"] for e in examples]
+    width = _width(seqs, pad_to_multiple_of)
+    return {
+        "input_ids": pad(seqs, pad_id, width, left=True),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0, width, left=True),
+    }
