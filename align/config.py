@@ -205,6 +205,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Resume from the newest checkpoint in the run directory when there is one.
     resume: bool = True
+    # Evaluate once before the first step (the starting point of the eval curves).
+    eval_before_training: bool = False
 
 
 @dataclass

@@ -120,6 +120,10 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
         total, start = plan["total_steps"], plan["start_step"]
         if start:
             log.info("%s: resuming at step %d of %d", stage, start, total)
+        initial = {}
+        if cfg.train.eval_before_training and start == 0:
+            initial = group.call("evaluate")[0]
+            tracker.log(initial, 0)
         tokens, last = 0.0, {}
         bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, disable=None)
         for step in range(start + 1, total + 1):
@@ -142,7 +146,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
             "stage": stage, "steps": total, "wall_time_s": round(time.time() - started, 2),
             "train_tokens": tokens, "model_dir": run_dir.model,
             "final_train": {k: v for k, v in last.items() if isinstance(v, (int, float))},
-            "final_eval": final, **plan.get("summary", {}),
+            "initial_eval": initial, "final_eval": final, **plan.get("summary", {}),
         }
         tracker.summary({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
         runs.finish(run_dir, summary)

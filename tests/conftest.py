@@ -54,19 +54,25 @@ def quick_overrides(run_dir, **extra):
 
 
 @pytest.fixture(scope="session")
-def sft_model_dir(ray_session, tmp_path_factory):
-    """An SFT policy trained once per session on the default task (about 30 s), in HF format.
+def sft_summary(ray_session, tmp_path_factory):
+    """An SFT policy trained once per session on the default task (about 30 s); its summary.
 
-    Reward-model, DPO, KTO and PPO tests start from it, as the pipeline does.
+    Reward-model, DPO, KTO and PPO tests start from its model, as the pipeline does.
     """
     from align.config import load_config
     from rlhf import sft
 
     run_dir = tmp_path_factory.mktemp("sft")
     cfg = load_config(sft.SFTConfig, "configs/sft/default.yaml", quick_overrides(
-        run_dir, **{"train.max_steps": 150, "train.eval_every": 0, "train.save_every": 0, "final_samples": 16}))
-    summary = sft.run(cfg, reuse=False)
-    return summary["model_dir"]
+        run_dir, **{"train.max_steps": 150, "train.eval_every": 0, "train.save_every": 0, "final_samples": 32,
+                    "train.eval_before_training": True}))
+    return sft.run(cfg, reuse=False)
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(sft_summary):
+    """The session SFT policy's directory (Hugging Face format)."""
+    return sft_summary["model_dir"]
 
 
 @pytest.fixture(scope="session")
