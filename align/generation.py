@@ -33,8 +33,9 @@ class Samples:
 
 
 def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
-           micro_batch_size: int = 16, seed: Optional[int] = None) -> Samples:
-    """Samples one response per prompt, in micro-batches of left-padded prompts."""
+           micro_batch_size: int = 16, seed: Optional[int] = None,
+           device: Optional[torch.device] = None) -> Samples:
+    """Samples one response per prompt, in micro-batches of left-padded prompts on `device`."""
     if seed is not None:
         torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -46,7 +47,7 @@ def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]]
                       pad_token_id=pad)
         if cfg.do_sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-        out = generate_fn(batch["input_ids"], batch["attention_mask"], **kwargs)
+        out = generate_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device), **kwargs)
         width = batch["input_ids"].shape[1]
         for row in out[:, width:].tolist():
             # Tokens after EOS are padding; a row without EOS ran out of new tokens (never padded).

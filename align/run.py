@@ -89,6 +89,29 @@ def config_hash(cfg: Any, ignore: tuple = ("run_dir", "tracking")) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def input_identity(path: str) -> str:
+    """What identifies an upstream model: its stage's config hash and data fingerprint when it
+    was exported by a stage (DONE.json beside it), else its files' names, sizes and mtimes.
+
+    A retrained upstream model in the same folder then changes the identity, so downstream
+    stages rerun instead of reusing results built on the old model.
+    """
+    if not os.path.isdir(path):
+        return path
+    done = read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "DONE.json"))
+    if done and os.path.abspath(done.get("model_dir", "")) == os.path.abspath(path):
+        return f"{path}@{done.get('config_hash')}:{done.get('data_fingerprint')}:{json.dumps(done.get('inputs', {}), sort_keys=True)}"
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        st = os.stat(os.path.join(path, name))
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{path}@files:{h.hexdigest()[:16]}"
+
+
+def identify_inputs(inputs: Optional[Dict[str, str]]) -> Dict[str, str]:
+    return {key: input_identity(path) for key, path in (inputs or {}).items()}
+
+
 def prepare(cfg: Any, stage: str, data_fingerprint: str, inputs: Optional[Dict[str, str]] = None) -> RunDir:
     """Creates the run directory and writes config.yaml and run_info.json."""
     run = RunDir(cfg.run_dir)

@@ -103,6 +103,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
     from align.engine.ray_group import ActorGroup, start_ray
     from align.tracking import Tracker
 
+    inputs = runs.identify_inputs(inputs)
     if reuse:
         done = runs.finished(cfg, data_fingerprint, inputs)
         if done is not None:

@@ -82,10 +82,10 @@ class SFTWorker:
 
         de, engine = self.de, self.engine
         self.throughput = self.throughput or Throughput()
-        batches = [next(self.data_iter) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
+        batches = [de.to_device(next(self.data_iter)) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
         # The global response-token count makes every micro-batch's loss a share of one mean.
         local_tokens = sum(float(b["loss_mask"][:, 1:].sum()) for b in batches)
-        global_tokens = de.all_reduce_sum(torch.tensor(local_tokens)).item()
+        global_tokens = de.all_reduce_sum(torch.tensor(local_tokens, device=de.device())).item()
         scale = de.world_size() * len(batches) / max(global_tokens, 1.0)
         total_nll = 0.0
         for b in batches:
@@ -97,7 +97,7 @@ class SFTWorker:
             engine.step()
             total_nll += nll.item()
         self.step += 1
-        loss = de.all_reduce_sum(torch.tensor(total_nll)).item() / max(global_tokens, 1.0)
+        loss = de.all_reduce_sum(torch.tensor(total_nll, device=de.device())).item() / max(global_tokens, 1.0)
         metrics = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": engine.get_lr()[0],
                    "tokens": global_tokens, "tokens_per_s": self.throughput.tick(global_tokens)}
         grad_norm = engine.get_global_grad_norm()
@@ -114,9 +114,10 @@ class SFTWorker:
             return {}
         de, engine = self.de, self.engine
         engine.eval()
-        nll, tokens = torch.zeros(()), torch.zeros(())
+        nll, tokens = torch.zeros((), device=de.device()), torch.zeros((), device=de.device())
         for b in eval_batches(self.eval_rows, self.cfg.deepspeed.micro_batch_size, de.rank(), de.world_size(),
                               self.collate):
+            b = de.to_device(b)
             mask = b["loss_mask"] * b["valid"][:, None].long()
             lp = sequence_logprobs(engine, b["input_ids"], b["attention_mask"], mask)
             nll += -lp.sum.sum().float()
@@ -137,7 +138,7 @@ class SFTWorker:
         rows = self.eval_rows.select(range(min(self.cfg.final_samples, len(self.eval_rows))))
         prompts: List[List[int]] = [ids[: mask.index(1)] for ids, mask in zip(rows["input_ids"], rows["loss_mask"])]
         gen = partial(self.de.generate, self.engine)
-        out = sample(gen, self.tokenizer, prompts, self.cfg.sampling, seed=self.cfg.seed)
+        out = sample(gen, self.tokenizer, prompts, self.cfg.sampling, seed=self.cfg.seed, device=self.de.device())
         metrics = {"samples/eos_rate": sum(out.ended_with_eos) / len(out.texts),
                    "samples/length": statistics.mean(len(r) for r in out.response_ids)}
         scorer = gold_scorer_for(s.path for s in self.cfg.data.train)
@@ -166,7 +167,8 @@ def run(cfg: SFTConfig, reuse: bool = True, group: Optional[str] = None) -> Dict
     from align.stage import run_stage
 
     fingerprint = data_fingerprint([*cfg.data.train, *cfg.data.eval], cfg.seed)
-    return run_stage("sft", cfg, SFTWorker, fingerprint, group_name=group, reuse=reuse)
+    inputs = None if cfg.model.name_or_path.startswith("builtin:") else {"model": cfg.model.name_or_path}
+    return run_stage("sft", cfg, SFTWorker, fingerprint, inputs=inputs, group_name=group, reuse=reuse)
 
 
 def main(argv=None) -> int:

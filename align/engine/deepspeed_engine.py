@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from contextlib import contextmanager
 from typing import Any, Dict, Optional
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from align.config import ConfigError, DeepSpeedConfig, OptimConfig
 
 LATEST = "latest"
+_STEP_DIR = re.compile(r"^step(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +64,10 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, tr
             with open(ds.raw_config) as fh:
                 user = json.load(fh)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{ds.raw_config}: not valid JSON: {err}") from None
+            raise ConfigError(f"deepspeed.raw_config: {ds.raw_config}: not valid JSON: {err}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.raw_config: {ds.raw_config}: expected a JSON object, "
+                              f"got {type(user).__name__}")
         config = _deep_update(config, user)
     return config
 
@@ -145,6 +150,12 @@ def device() -> torch.device:
 def barrier_if_distributed() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def to_device(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """Moves a collated batch's tensors to this rank's device (a no-op on CPU)."""
+    dev = device()
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -270,14 +281,32 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _complete_tags(ckpt_dir: str) -> list:
+    """`step<k>` directories, oldest first. Only complete saves get this name (see below)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [d for d in os.listdir(ckpt_dir) if _STEP_DIR.match(d) and os.path.isdir(os.path.join(ckpt_dir, d))]
+    return sorted(tags, key=lambda d: int(d[4:]))
+
+
 def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """Tag of the newest complete checkpoint, or None."""
+    """Tag of the newest complete checkpoint, or None.
+
+    `latest` names it; when that file is missing or names a missing directory (a crash between
+    renaming a save and rewriting the pointer), the newest `step<k>` directory is used.
+    """
     pointer = os.path.join(ckpt_dir, LATEST)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as fh:
-        tag = fh.read().strip()
-    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+    if os.path.exists(pointer):
+        with open(pointer) as fh:
+            tag = fh.read().strip()
+        if tag and os.path.isdir(os.path.join(ckpt_dir, tag)):
+            return tag
+    tags = _complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def _rng_file(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, f"rng_rank{rank()}.pt")
 
 
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2) -> str:
@@ -285,11 +314,20 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, An
 
     Atomic: ranks write `step<k>.tmp`; rank 0 renames it to `step<k>` and then points `latest`
     at it, so a crash while saving leaves the previous good checkpoint as `latest`.
+    Every rank's RNG state is saved (DeepSpeed keeps `client_state` of rank 0 only, except
+    under ZeRO-3), so ranks that sample differently resume exactly.
     """
     tag = f"step{step}"
     tmp_tag = f"{tag}.tmp"
-    state = dict(client_state, rng=_rng_state(), step=step)
+    rng = _rng_state()
+    state = dict(client_state, rng=rng, step=step)
+    if rank() == 0:  # a crashed save of this step left files that must not end up in this one
+        shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=state, save_latest=False)
+    os.makedirs(os.path.join(ckpt_dir, tmp_tag), exist_ok=True)
+    torch.save(rng, _rng_file(ckpt_dir, tmp_tag))
     if dist.is_initialized():
         dist.barrier()
     if rank() == 0:
@@ -308,12 +346,11 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, An
 
 
 def _prune(ckpt_dir: str, keep: int) -> None:
-    tags = [d for d in os.listdir(ckpt_dir) if d.startswith("step")]
-    for d in tags:
-        if d.endswith(".tmp"):  # left by a crash during an earlier save
+    for d in os.listdir(ckpt_dir):
+        if d.startswith("step") and d.endswith(".tmp"):  # left by a crash during an earlier save
             shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    done = sorted((d for d in tags if not d.endswith(".tmp")), key=lambda d: int(d[4:]))
-    for d in done[: max(0, len(done) - keep)]:
+    done = _complete_tags(ckpt_dir)
+    for d in done[: max(0, len(done) - max(1, keep))]:  # never the one just saved
         shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
 
 
@@ -325,6 +362,9 @@ def load_checkpoint(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
     _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if client_state is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: checkpoint could not be loaded")
-    _set_rng_state(client_state["rng"])
+    rng_file = _rng_file(ckpt_dir, tag)
+    # This rank's own RNG; a checkpoint from an older version or a larger world has none.
+    rng = torch.load(rng_file, weights_only=False) if os.path.exists(rng_file) else client_state["rng"]
+    _set_rng_state(rng)
     return client_state
 

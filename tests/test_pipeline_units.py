@@ -1,0 +1,71 @@
+"""Pure pieces of the pipeline and the report: dependency order, config errors, statistics."""
+
+import pytest
+
+from align.config import ConfigError, load_config
+from align.evaluation import bootstrap_ci, distinct_n, summarize, win_rates
+from launch.pipeline import PipelineConfig, StageSpec, _flatten, order
+from launch.report import markdown_table
+
+
+def test_order_follows_inputs():
+    stages = {"ppo": StageSpec(stage="ppo", inputs={"model.name_or_path": "sft", "reward_model": "rm"}),
+              "rm": StageSpec(stage="reward_model", inputs={"model.name_or_path": "sft"}),
+              "sft": StageSpec(stage="sft")}
+    names = order(stages)
+    assert names.index("sft") < names.index("rm") < names.index("ppo")
+
+
+def test_order_rejects_unknown_and_cyclic_inputs():
+    with pytest.raises(ConfigError, match="no stage named 'sft'"):
+        order({"dpo": StageSpec(stage="dpo", inputs={"model.name_or_path": "sft"})})
+    with pytest.raises(ConfigError, match="cycle"):
+        order({"a": StageSpec(inputs={"x": "b"}), "b": StageSpec(inputs={"x": "a"})})
+
+
+def test_pipeline_config_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("stages:\n  sft: {stage: sft, overides: {}}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml.*overides"):
+        load_config(PipelineConfig, str(path))
+
+
+def test_flatten_nested_overrides():
+    assert _flatten("", {"optim": {"lr": 0.001}, "data": {"train": [{"path": "x"}]}, "reference": None}) == [
+        "optim.lr=0.001", 'data.train=[{"path": "x"}]', "reference=null"]
+
+
+def test_bootstrap_ci_of_constant_and_spread():
+    assert bootstrap_ci([2.0] * 10) == (2.0, 2.0)
+    lo, hi = bootstrap_ci([0.0, 1.0] * 50, samples=2000, seed=1)
+    # mean 0.5, standard error sqrt(0.25 / 100) = 0.05, so the 95% interval is about 0.5 +- 0.098
+    assert 0.38 < lo < 0.45 and 0.55 < hi < 0.62
+
+
+def test_win_rates_count_ties_as_half():
+    assert win_rates([1.0, 0.0, 0.5], [0.0, 1.0, 0.5]) == [1.0, 0.0, 0.5]
+
+
+def test_distinct_n_by_hand():
+    # unigrams: a b a c -> 3 distinct of 4; bigrams: (a b) (b a) (a c) -> 3 of 3
+    assert distinct_n(["a b", "a c"], 1) == 0.75
+    assert distinct_n(["a b a c"], 2) == 1.0
+    assert distinct_n([""], 2) == 0.0
+
+
+def test_summarize_rows_and_table():
+    results = [
+        {"method": "sft", "texts": ["x y"], "kl": [0.0, 0.0], "length": [3, 5], "eos": [True, True], "rm": [],
+         "gold": [0.0, -1.0]},
+        {"method": "dpo", "texts": ["x z"], "kl": [2.0, 4.0], "length": [4, 4], "eos": [True, False], "rm": [],
+         "gold": [1.0, -1.0]},
+    ]
+    rows = summarize(results, "sft", {"dpo": {"wall_time_s": 10.0}}, samples=200)
+    sft, dpo = rows
+    assert sft["gold"] == -0.5 and dpo["gold"] == 0.0 and dpo["kl"] == 3.0
+    assert "win_rate" not in sft
+    assert dpo["win_rate"] == 0.75 and dpo["win_rate_judge"] == "gold"  # one win, one tie
+    assert dpo["eos_rate"] == 0.5 and dpo["cost_wall_time_s"] == 10.0
+    table = markdown_table(rows)
+    assert table.splitlines()[0].startswith("| method | gold score")
+    assert "| dpo | 0.000 [" in table
