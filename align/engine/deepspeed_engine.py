@@ -292,17 +292,20 @@ def _complete_tags(ckpt_dir: str) -> list:
 def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     """Tag of the newest complete checkpoint, or None.
 
-    `latest` names it; when that file is missing or names a missing directory (a crash between
-    renaming a save and rewriting the pointer), the newest `step<k>` directory is used.
+    That is the newest `step<k>` directory: a save gets that name only once every rank has
+    written it. The `latest` file usually names the same one, but a crash between renaming a
+    save and rewriting `latest` leaves it behind; it is used only when no `step<k>` exists.
     """
+    tags = _complete_tags(ckpt_dir)
+    if tags:
+        return tags[-1]
     pointer = os.path.join(ckpt_dir, LATEST)
     if os.path.exists(pointer):
         with open(pointer) as fh:
             tag = fh.read().strip()
         if tag and os.path.isdir(os.path.join(ckpt_dir, tag)):
             return tag
-    tags = _complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+    return None
 
 
 def _rng_file(ckpt_dir: str, tag: str) -> str:

@@ -93,7 +93,7 @@ class Worker:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         init_distributed(backend)
         self.role = factory(*args, **kwargs)
-        return ray.util.get_node_ip_address()
+        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def call(self, method: str, args, kwargs) -> Any:
         return getattr(self.role, method)(*args, **kwargs)
@@ -141,7 +141,8 @@ class ActorGroup:
             ).remote(name, r, self.world_size, threads, env)
             for r in range(self.world_size)
         ]
-        self.nodes: List[str] = []
+        self.nodes: List[str] = []  # each rank's node IP (the same for nodes sharing a machine)
+        self.node_ids: List[str] = []  # each rank's Ray node id
 
     # -- running ------------------------------------------------------------------------------
 
@@ -149,7 +150,7 @@ class ActorGroup:
         """Starts the process group and builds `factory(*args, **kwargs)` on every rank."""
         addr, port = self._get([self.actors[0].address.remote()])[0]
         refs = [a.setup.remote(addr, port, self.backend, factory, args, kwargs) for a in self.actors]
-        self.nodes = self._get(refs)
+        self.nodes, self.node_ids = (list(x) for x in zip(*self._get(refs)))
 
     def call_async(self, method: str, *args, per_rank: Optional[Sequence[tuple]] = None, **kwargs) -> List[Any]:
         """Starts `role.method` on every rank; `per_rank[r]` gives rank r its own positional args."""
@@ -165,7 +166,7 @@ class ActorGroup:
         return self._get(refs)
 
     def _get(self, refs: List[Any], timeout: Optional[float] = None) -> List[Any]:
-        """Results in rank order; the first failure of any rank raises at once."""
+        """Results in rank order; a failure of any rank raises (within FAILURE_GRACE_S)."""
         pending = list(refs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
@@ -174,10 +175,14 @@ class ActorGroup:
             if not ready:
                 self.kill()
                 raise GroupError(self.name, -1, f"no answer within {timeout} s")
-            try:
-                ray.get(ready[0])
-            except Exception as err:  # noqa: BLE001 - any actor failure is reported the same way
-                rank = refs.index(ready[0])
+            err = _error_of(ready[0])
+            if err is not None:
+                failures = [(refs.index(ready[0]), err)]
+                if _failure_kind(err) > 0:
+                    failures += _more_failures(refs, pending, FAILURE_GRACE_S)
+                # The root cause, not its echo: a rank that dies makes its peers' collectives
+                # fail with "Connection reset by peer" at about the same moment.
+                rank, err = min(failures, key=lambda f: _failure_kind(f[1]))
                 cause, details = _describe_failure(err)
                 self.kill()
                 raise GroupError(self.name, rank, cause, details) from None
@@ -209,6 +214,41 @@ class ActorGroup:
                 pass
 
 
+# After a rank fails, how long to wait for the other ranks' failures before choosing the cause.
+FAILURE_GRACE_S = 2.0
+_COMMUNICATION_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out")
+
+
+def _error_of(ref) -> Optional[Exception]:
+    try:
+        ray.get(ref)
+    except Exception as err:  # noqa: BLE001 - any actor failure is reported the same way
+        return err
+    return None
+
+
+def _failure_kind(err: Exception) -> int:
+    """0: the actor died; 1: the role raised; 2: a collective failed because a peer did."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(err, RayActorError):
+        return 0
+    cause = _describe_failure(err)[0].lower()
+    return 2 if any(marker in cause for marker in _COMMUNICATION_ERRORS) else 1
+
+
+def _more_failures(refs: List[Any], pending: List[Any], grace: float) -> List[tuple]:
+    """(rank, error) of the ranks among `pending` that fail within `grace` seconds."""
+    found, deadline = [], time.monotonic() + grace
+    while pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            err = _error_of(ref)
+            if err is not None:
+                found.append((refs.index(ref), err))
+    return found
+
+
 def _describe_failure(err: Exception) -> tuple:
     """A one-line cause and the remote traceback of an actor failure."""
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
@@ -230,3 +270,11 @@ def create_placement_group(num_bundles: int, cfg: RayConfig, gpus: float = 0.0) 
     pg = placement_group([bundle] * num_bundles, strategy=cfg.placement_strategy)
     pg.wait(timeout_seconds=120)
     return pg
+
+
+def remove_shared_placement_group(pg: PlacementGroup) -> None:
+    """Frees a placement group from `create_placement_group` once its groups are shut down."""
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001 - already removed
+        pass
