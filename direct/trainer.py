@@ -1,0 +1,373 @@
+"""Direct preference optimisation from pairs: one recipe for every loss of `PAIRWISE_LOSSES`
+(DPO, cDPO, IPO, robust DPO, hinge/SLiC, GPO, DiscoPOP, SimPO, ORPO, RPO), picked by `loss.name`.
+
+    python -m direct.trainer --config configs/dpo/default.yaml loss.name=ipo loss.beta=0.5
+
+Per step: chosen and rejected responses of the micro-batch go through the policy in ONE
+concatenated (2B, T) forward; reference log-probs come from an on-disk cache computed once
+before training (direct.ref_cache), so no reference model is in memory while the policy trains.
+Reference-free losses (SimPO, ORPO) skip it. The loss is the weighted mean over the global
+batch (all micro-batches of all ranks), whatever the split, as in rlhf/sft.py.
+
+Optional online rounds (`online.rounds > 0`, after Guo et al. 2024, "Direct Language Model
+Alignment from Online AI Feedback", arXiv 2402.04792, and Xu et al. 2023, "Some things are more
+CRINGE than others", arXiv 2312.16682): each round the policy samples K responses per prompt,
+a labeller (the task's gold scorer, a reward model, or a rule) keeps the best and the worst as
+a pair, and the round trains on those pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from align.config import ConfigError, DataConfig, SourceConfig, check_choice
+from align.generation import SamplingConfig
+from direct.common import (DirectConfig, Means, cached_reference, check_model_exists, final_samples, load_prompts,
+                           run_inputs, with_index)
+
+PAIR_PARTS = ("chosen", "rejected")
+PAIR_TOKENS = ("prompt_ids", "chosen_ids", "rejected_ids")
+LOSS_HPARAMS = ("beta", "label_smoothing", "gamma", "tau", "alpha")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    # A key of direct.losses.PAIRWISE_LOSSES: dpo, cdpo, ipo, robust, hinge, slic, gpo_*,
+    # discopop, simpo, orpo, rpo.
+    name: str = "dpo"
+    # Unset (null) values take the loss function's own default. beta: DPO's beta (strength of
+    # the implicit KL penalty); IPO's tau; SimPO's beta (reward scale); ORPO's lambda.
+    beta: Optional[float] = None
+    # Assumed label-flip rate eps (cDPO, robust DPO, SimPO).
+    label_smoothing: Optional[float] = None
+    # SimPO's target reward margin gamma (reward units).
+    gamma: Optional[float] = None
+    # DiscoPOP's temperature tau.
+    tau: Optional[float] = None
+    # Weight of the chosen response's NLL term (RPO, SLiC).
+    alpha: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        from direct.losses import PAIRWISE_LOSSES
+
+        if self.name not in PAIRWISE_LOSSES:
+            raise ConfigError(f"loss.name: {self.name!r} is not one of {sorted(PAIRWISE_LOSSES)}")
+        spec = PAIRWISE_LOSSES[self.name]
+        extra = [k for k in LOSS_HPARAMS if getattr(self, k) is not None and k not in spec.hparams]
+        if extra:
+            raise ConfigError(f"loss.{extra[0]}: loss {self.name!r} takes only {list(spec.hparams)}")
+        missing = [k for k in spec.required if getattr(self, k) is None]
+        if missing:
+            raise ConfigError(f"loss.{missing[0]}: loss {self.name!r} needs it set")
+
+    def hparams(self) -> Dict[str, float]:
+        """The hyperparameters to pass: those the loss accepts and the config sets."""
+        return {k: getattr(self, k) for k in LOSS_HPARAMS if getattr(self, k) is not None}
+
+
+@dataclass
+class OnlineConfig:
+    # Rounds of sample -> label -> train (0: offline, train on `data.train`).
+    rounds: int = 0
+    # Optimizer steps per round (each round's pairs are cycled through as needed).
+    steps_per_round: int = 20
+    prompts: SourceConfig = field(default_factory=lambda: SourceConfig(path="builtin:prompts"))
+    prompts_per_round: int = 128
+    # K responses sampled per prompt; the best and the worst make the round's pair.
+    samples_per_prompt: int = 4
+    # gold: the task's gold scorer; reward_model: `reward_model` dir scored by
+    # reward_model.score.RewardScorer; json: 1 when the response parses as JSON, else 0.
+    labeller: str = "gold"
+    reward_model: Optional[str] = None
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+
+    def __post_init__(self) -> None:
+        check_choice("online.labeller", self.labeller, ["gold", "reward_model", "json"])
+        if self.labeller == "reward_model" and self.rounds and not self.reward_model:
+            raise ConfigError("online.reward_model: needed with online.labeller=reward_model")
+        if self.rounds and (self.steps_per_round < 1 or self.samples_per_prompt < 2):
+            raise ConfigError("online: needs steps_per_round >= 1 and samples_per_prompt >= 2")
+
+
+def _default_pairwise_data() -> DataConfig:
+    return DataConfig(train=[SourceConfig(path="builtin:preferences")],
+                      eval=[SourceConfig(path="builtin:preferences_eval")], max_length=128, max_prompt_length=48)
+
+
+@dataclass
+class DPOConfig(DirectConfig):
+    data: DataConfig = field(default_factory=_default_pairwise_data)
+    loss: LossConfig = field(default_factory=LossConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pairwise worker
+# ---------------------------------------------------------------------------------------------
+
+
+def collate_pairs(examples: List[dict], pad_id: int) -> Dict[str, torch.Tensor]:
+    """collate_pairwise plus each pair's dataset `index`."""
+    from align.data.collate import collate_pairwise
+
+    batch = collate_pairwise(examples, pad_id)
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch
+
+
+class DPOWorker:
+    """One rank of a pairwise preference stage."""
+
+    def __init__(self, cfg: DPOConfig):
+        from align.engine import deepspeed_engine as de
+        from align.models.builders import build_causal_lm, build_tokenizer
+        from align.stage import load_tokenized, planned_steps
+        from direct.losses import PAIRWISE_LOSSES
+
+        self.cfg, self.de = cfg, de
+        self.spec = PAIRWISE_LOSSES[cfg.loss.name]
+        self.hparams = cfg.loss.hparams()
+        de.seed_everything(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.collate = partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
+        train, evals, self.report = load_tokenized(cfg.data, "pairwise", self.tokenizer, cfg.seed)
+        self.train_rows, self.eval_rows = with_index(train), with_index(evals)
+        self.prompts = load_prompts(cfg.eval_prompts, cfg, self.tokenizer) if cfg.final_samples else None
+        self.online_prompts = load_prompts(cfg.online.prompts, cfg, self.tokenizer) if cfg.online.rounds else None
+        self.labeller = make_labeller(cfg.online) if cfg.online.rounds else None
+        # Reference log-probs first: the reference is built (on a cache miss), used and freed
+        # before the policy engine exists.
+        self.ref, self.ref_info = {}, {}
+        if self.spec.needs_reference:
+            splits = {"eval": self.eval_rows} if cfg.online.rounds else {"train": self.train_rows, "eval": self.eval_rows}
+            self.ref, self.ref_info = cached_reference(cfg, self.tokenizer, splits, self.collate, PAIR_PARTS, PAIR_TOKENS)
+        self.batches = self._batches(self.train_rows, cfg.seed)
+        self.data_iter = iter(self.batches)
+        if cfg.online.rounds:
+            self.total_steps = cfg.online.rounds * cfg.online.steps_per_round
+        else:
+            self.total_steps = planned_steps(cfg.train, len(self.batches), cfg.deepspeed.grad_accum_steps)
+        model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
+        self.engine = de.init_train_engine(model, cfg.deepspeed, cfg.optim, self.total_steps)
+        self.step, self.throughput, self.round_metrics = 0, None, {}
+        if cfg.train.resume:
+            state = de.load_checkpoint(self.engine, self._ckpt_dir())
+            if state is not None:
+                self.step = state["step"]
+                if not cfg.online.rounds:  # online: a resumed run starts a fresh round
+                    self.batches.load_state_dict(state["data"])
+                    self.data_iter = iter(self.batches)
+
+    def _batches(self, rows, seed: int):
+        from align.data.batching import BatchIterator
+
+        return BatchIterator(rows, self.cfg.deepspeed.micro_batch_size, seed, self.de.rank(), self.de.world_size(),
+                             collate_fn=self.collate)
+
+    def _ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.run_dir, "checkpoints")
+
+    def plan(self) -> Dict[str, Any]:
+        return {"total_steps": self.total_steps, "start_step": self.step,
+                "progress_keys": ["loss", "rewards/accuracies", "tokens_per_s"],
+                "summary": {"train_rows": len(self.train_rows), "data_report": dict(self.report),
+                            "loss": {"name": self.cfg.loss.name, **self.hparams},
+                            "reference_cache": self.ref_info}}
+
+    def pair_losses(self, batch: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]):
+        """Per-pair losses (B,) with grad, and per-pair statistics for the metrics."""
+        from align.models.logprobs import sequence_logprobs
+        from direct.losses import pairwise_loss
+        from direct.ref_cache import lookup
+
+        n = batch["weight"].shape[0]
+        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        stat = "mean" if self.spec.length_normalized else "sum"
+        logps = lp.mean if self.spec.length_normalized else lp.sum
+        inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:]}
+        if self.spec.needs_reference:
+            inputs["ref_chosen_logps"] = lookup(ref, batch["index"], "chosen", stat)
+            inputs["ref_rejected_logps"] = lookup(ref, batch["index"], "rejected", stat)
+        if self.spec.needs_chosen_nll:
+            inputs["chosen_nll"] = -lp.mean[:n]  # token-averaged NLL of the chosen response
+        losses, chosen, rejected = pairwise_loss(self.cfg.loss.name, **inputs, **self.hparams)
+        stats = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                 "rewards/margins": chosen - rejected, "rewards/accuracies": (chosen > rejected).float(),
+                 "logps/chosen": logps[:n], "logps/rejected": logps[n:]}
+        if self.spec.needs_chosen_nll:
+            stats["nll"] = inputs["chosen_nll"]
+        return losses, stats
+
+    def train_step(self) -> Dict[str, float]:
+        from align.stage import Throughput
+
+        de, engine = self.de, self.engine
+        self.throughput = self.throughput or Throughput()
+        if self.cfg.online.rounds and self.step % self.cfg.online.steps_per_round == 0:
+            self.round_metrics = self._online_round(self.step // self.cfg.online.steps_per_round)
+        batches = [de.to_device(next(self.data_iter)) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
+        # The loss is sum(w * l) / sum(w) over the global batch: each micro-batch backpropagates
+        # its share, scaled to undo DeepSpeed's 1/grad_accum and rank averaging (as in SFT).
+        local = torch.tensor([sum(float(b["weight"].sum()) for b in batches),
+                              sum(float(b["attention_mask"].sum()) for b in batches)], device=de.device())
+        total_weight, tokens = de.all_reduce_sum(local).tolist()
+        scale = de.world_size() * len(batches) / max(total_weight, 1e-12)
+        means = Means()
+        for b in batches:
+            losses, stats = self.pair_losses(b, self.ref.get("train"))
+            engine.backward((losses * b["weight"]).sum() * scale)
+            engine.step()
+            for name, values in stats.items():
+                means.add(name, values, b["weight"])
+        self.step += 1
+        metrics = dict(means.reduce(de.all_reduce_sum), lr=engine.get_lr()[0], tokens=tokens,
+                       tokens_per_s=self.throughput.tick(tokens), **self.round_metrics)
+        self.round_metrics = {}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, final: bool = False) -> Dict[str, Any]:
+        from align.stage import eval_batches
+
+        de, engine = self.de, self.engine
+        engine.eval()
+        metrics: Dict[str, Any] = {}
+        if self.eval_rows is not None:
+            means = Means()
+            for b in eval_batches(self.eval_rows, self.cfg.deepspeed.micro_batch_size, de.rank(), de.world_size(),
+                                  self.collate):
+                b = de.to_device(b)
+                _, stats = self.pair_losses(b, self.ref.get("eval"))
+                for name, values in stats.items():
+                    means.add(name, values, b["weight"] * b["valid"])
+            metrics = {f"eval/{k}": v for k, v in means.reduce(de.all_reduce_sum).items()}
+        if final and self.prompts is not None:
+            metrics.update(final_samples(self.cfg, de, engine, self.tokenizer, self.prompts))
+        engine.train()
+        return metrics
+
+    # -- online rounds ----------------------------------------------------------------------
+
+    def _online_round(self, round_index: int) -> Dict[str, float]:
+        """Samples K responses per prompt, labels best/worst pairs, and trains on them next."""
+        import numpy as np
+        import torch.distributed as dist
+
+        from align.generation import sample
+
+        cfg, de = self.cfg.online, self.de
+        world, rank = de.world_size(), de.rank()
+        rng = np.random.default_rng([self.cfg.seed, 7, round_index])
+        n = max(world, min(cfg.prompts_per_round, len(self.online_prompts)) // world * world)
+        picked = rng.choice(len(self.online_prompts), size=n, replace=n > len(self.online_prompts))
+        rows = self.online_prompts.select(picked[rank::world].tolist())  # equal share per rank
+        ids = [p for p in rows["prompt_ids"] for _ in range(cfg.samples_per_prompt)]
+        prompts = [m for m in rows["messages"] for _ in range(cfg.samples_per_prompt)]
+        out = sample(partial(de.generate, self.engine), self.tokenizer, ids, cfg.sampling,
+                     micro_batch_size=self.cfg.deepspeed.micro_batch_size,
+                     seed=self.cfg.seed + 1000 * (round_index + 1) + rank, device=de.device())
+        scores = self.labeller(prompts, out.texts)
+        k = cfg.samples_per_prompt
+        pairs = []
+        for i in range(len(rows)):
+            group = list(range(i * k, (i + 1) * k))
+            best, worst = max(group, key=lambda j: scores[j]), min(group, key=lambda j: scores[j])
+            if scores[best] > scores[worst]:  # ties carry no preference
+                pairs.append((ids[best], out.response_ids[best], out.response_ids[worst]))
+        if dist.is_initialized() and world > 1:
+            shares: List = [None] * world
+            dist.all_gather_object(shares, pairs)
+            pairs = [p for share in shares for p in share]
+        gathered = de.all_reduce_sum(torch.tensor([sum(scores), float(len(scores))], device=de.device())).tolist()
+        if len(pairs) < self.cfg.deepspeed.micro_batch_size * world:
+            raise RuntimeError(f"online round {round_index}: only {len(pairs)} labelled pairs (ties dropped), "
+                               "fewer than one global batch; raise online.prompts_per_round")
+        rows = with_index(_pair_rows(pairs))
+        if self.spec.needs_reference:
+            ref, _ = cached_reference(self.cfg, self.tokenizer, {"train": rows}, self.collate, PAIR_PARTS, PAIR_TOKENS)
+            self.ref["train"] = ref["train"]
+        self.train_rows, self.batches = rows, self._batches(rows, self.cfg.seed + round_index)
+        self.data_iter = iter(self.batches)
+        return {"online/round": round_index, "online/pairs": len(pairs), "online/score": gathered[0] / gathered[1]}
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> str:
+        return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step, {"data": self.batches.state_dict()},
+                                       keep=self.cfg.train.keep_checkpoints)
+
+    def export(self, out_dir: str) -> Optional[str]:
+        return self.de.export_hf(self.engine, self.tokenizer, out_dir)
+
+    def close(self) -> None:
+        self.engine = None
+
+
+def make_labeller(cfg: OnlineConfig) -> Callable[[List[list], List[str]], List[float]]:
+    """labeller(prompts as chat messages, responses) -> one score per response (higher is better)."""
+    if cfg.labeller == "json":
+        return lambda prompts, responses: [float(_parses_as_json(r)) for r in responses]
+    if cfg.labeller == "reward_model":
+        from reward_model.score import RewardScorer  # optional: only with this labeller
+
+        scorer = RewardScorer.from_pretrained(cfg.reward_model)
+        return lambda prompts, responses: [float(s) for s in scorer.score(prompts, responses)]
+    from align.task import gold_scorer_for
+
+    gold = gold_scorer_for([cfg.prompts.path])
+    if gold is None:
+        raise ConfigError(f"online.labeller=gold: {cfg.prompts.path} has no gold scorer; "
+                          "use online.labeller=reward_model or json")
+    return lambda prompts, responses: [gold(p[-1]["content"], r) for p, r in zip(prompts, responses)]
+
+
+def _parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _pair_rows(pairs: List[Tuple[List[int], List[int], List[int]]]):
+    """Sampled (prompt, chosen, rejected) token ids as rows `collate_pairwise` takes."""
+    import datasets
+
+    prompts, chosen, rejected = (list(x) for x in zip(*pairs))
+    n = len(pairs)
+    return datasets.Dataset.from_dict({"prompt_ids": prompts, "chosen_ids": chosen, "rejected_ids": rejected,
+                                       "margin": [0.0] * n, "weight": [1.0] * n, "group": list(range(n))})
+
+
+def run(cfg: DPOConfig, reuse: bool = True, group: Optional[str] = None) -> Dict[str, Any]:
+    from align.data.sources import data_fingerprint
+    from align.stage import run_stage
+
+    check_model_exists(cfg)
+    sources = [*cfg.data.train, *cfg.data.eval, cfg.eval_prompts] + ([cfg.online.prompts] if cfg.online.rounds else [])
+    fingerprint = data_fingerprint(sources, cfg.seed)
+    return run_stage(cfg.loss.name, cfg, DPOWorker, fingerprint, inputs=run_inputs(cfg), group_name=group, reuse=reuse)
+
+
+def main(argv=None) -> int:
+    from align.stage import stage_main
+
+    return stage_main(argv, DPOConfig, run, "Direct preference optimisation (DPO and relatives) from pairs.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
