@@ -1,0 +1,390 @@
+"""Per-rank roles of the PPO stage, one class per model group (built on every rank by ActorGroup).
+
+    PolicyRole     trained causal LM: rollouts, old log-probs and entropy, clipped policy update
+    ValueRole      trained scalar model (initialised from the reward model): values, value update
+    ReferenceRole  frozen SFT model: reference log-probs
+    RewardRole     frozen reward model: normalised scores of whole responses
+
+Rows travel between groups through the driver as dicts of token ids, {"prompt": [...],
+"response": [...]}, plus per-token tensors over the response for training (old log-probs,
+advantages, values, returns). A rank packs its rows right-padded, prompt then response, so
+response token t of a row with a P-token prompt sits at position P + t: its log-prob is read
+there and its value V(s_t), the state before it, at P + t - 1. Every method returns one entry per
+row in the order given. All ranks of a group get equally many rows, so under ZeRO-3 they run the
+same number of forwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import replace
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+Row = Dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the roles
+# ---------------------------------------------------------------------------------------------
+
+
+def role_deepspeed(cfg, role, trained: bool, grad_accum_steps: int = 1):
+    """The stage's DeepSpeed settings with this group's ZeRO stage and offload."""
+    return replace(cfg.deepspeed, zero_stage=role.zero_stage, grad_accum_steps=grad_accum_steps,
+                   offload_optimizer=role.offload and trained and role.zero_stage > 0,
+                   offload_params=role.offload and role.zero_stage == 3)
+
+
+def collate_rows(rows: Sequence[Row], pad_id: int):
+    """Right-padded prompt+response batch (input_ids, attention_mask, loss_mask (B, T)) and the
+    prompt lengths (B,), on this rank's device."""
+    from align.data.collate import collate_sft
+    from align.engine.deepspeed_engine import device, to_device
+
+    examples = [{"input_ids": list(r["prompt"]) + list(r["response"]),
+                 "loss_mask": [0] * len(r["prompt"]) + [1] * len(r["response"])} for r in rows]
+    return to_device(collate_sft(examples, pad_id)), torch.tensor([len(r["prompt"]) for r in rows], device=device())
+
+
+def response_view(x: torch.Tensor, prompt_lens: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
+    """(B, width) values of per-position `x` (B, T) at positions P_i + t + offset, t < width.
+
+    Positions past a row's end read clamped garbage: multiply by the response mask.
+    """
+    idx = prompt_lens[:, None] + offset + torch.arange(width, device=x.device)[None, :]
+    return x.gather(1, idx.clamp(0, x.shape[1] - 1))
+
+
+def response_mask(rows: Sequence[Row], device=None) -> torch.Tensor:
+    lengths = torch.tensor([len(r["response"]) for r in rows], device=device)
+    return (torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None]).float()
+
+
+def pad_right(seqs: Sequence[torch.Tensor], width: Optional[int] = None, device=None) -> torch.Tensor:
+    """(B, width) float rows, zero-padded on the right; width defaults to the longest row."""
+    out = torch.zeros(len(seqs), width or max(len(s) for s in seqs), device=device)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def split_even(items: Sequence[Any], n: int):
+    """n contiguous chunks of equal length (short ones padded with items[0]) and the real lengths:
+    how the driver splits rows across a group's ranks."""
+    size = math.ceil(len(items) / n)
+    parts = [list(items[r * size:(r + 1) * size]) for r in range(n)]
+    return [p + [items[0]] * (size - len(p)) for p in parts], [len(p) for p in parts]
+
+
+def chunks(rows: Sequence[Row], size: int) -> List[Sequence[Row]]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+class TokenScalars(torch.nn.Module):
+    """A scalar model's per-token outputs (B, T) as the module's forward.
+
+    Wrapping `token_scalars` makes the value and reward forwards go through the DeepSpeed
+    engine's forward, which ZeRO needs for its backward bookkeeping.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        from align.models.builders import token_scalars
+
+        return token_scalars(self.model, input_ids, attention_mask)
+
+
+def _sum_stats(total: Dict[str, float], stats: Dict[str, torch.Tensor], weight: float) -> None:
+    for key, value in stats.items():
+        total[key] = total.get(key, 0.0) + float(value) * weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained roles
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_accum(cfg, num_actors: int) -> int:
+    """Micro-batches per rank per minibatch: the engine's gradient-accumulation steps."""
+    per_rank = cfg.rollout_batch_size // cfg.num_minibatches // num_actors
+    return max(1, math.ceil(per_rank / cfg.deepspeed.micro_batch_size))
+
+
+def _optimizer_steps(cfg) -> int:
+    return max(1, cfg.train.max_steps) * cfg.ppo_epochs * cfg.num_minibatches
+
+
+class PolicyRole:
+    """One rank of the policy: samples rollouts and takes clipped-surrogate PPO steps."""
+
+    def __init__(self, cfg):
+        from align.config import ConfigError
+        from align.data.batching import BatchIterator
+        from align.engine import deepspeed_engine as de
+        from align.models.builders import build_causal_lm, build_tokenizer
+        from align.stage import load_tokenized
+
+        self.cfg, self.de = cfg, de
+        de.seed_everything(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg.model)
+        train, self.eval_rows, self.report = load_tokenized(cfg.data, "prompt", self.tokenizer, cfg.seed)
+        if cfg.eval_prompts and self.eval_rows is None:
+            raise ConfigError("eval_prompts: needs held-out prompts (data.eval or data.eval_fraction); or set it to 0")
+        # Global batch b holds the same prompts whatever the number of ranks.
+        self.batches = BatchIterator(train, cfg.rollout_batch_size // de.world_size(), cfg.seed, de.rank(),
+                                     de.world_size())
+        self.data_iter = iter(self.batches)
+        self.gas = _grad_accum(cfg, de.world_size())
+        model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
+        ds = role_deepspeed(cfg, cfg.policy, trained=True, grad_accum_steps=self.gas)
+        self.engine = de.init_train_engine(model, ds, cfg.optim, _optimizer_steps(cfg))
+        # The generation seam: an optional vLLM engine would provide this same call.
+        self.generate_fn = partial(de.generate, self.engine)
+        self.step, self.driver_state = 0, {}
+        state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
+        if state is not None:
+            self.step, self.driver_state = state["step"], state["driver"]
+            self.batches.load_state_dict(state["data"])
+            self.data_iter = iter(self.batches)
+
+    def _ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.run_dir, "checkpoints", "policy")
+
+    def plan(self) -> Dict[str, Any]:
+        return {"start_step": self.step, "driver_state": self.driver_state, "prompts": len(self.batches.dataset),
+                "data_report": dict(self.report)}
+
+    def _sample(self, prompts: List[List[int]], sampling, seed: int) -> Dict[str, list]:
+        from align.generation import sample
+
+        # Under ZeRO-3, gathering the weights once beats gathering them at every decoding step.
+        gather = self.de.gathered_parameters(self.engine) if self.cfg.gather_for_generation else nullcontext()
+        with gather:
+            out = sample(self.generate_fn, self.tokenizer, prompts, sampling,
+                         micro_batch_size=self.cfg.generation_batch_size, seed=seed, device=self.de.device())
+        prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
+        return {"prompt": out.prompt_ids, "response": out.response_ids, "eos": out.ended_with_eos,
+                "text": out.texts, "prompt_text": prompt_texts}
+
+    def rollout(self, step: int) -> Dict[str, list]:
+        """Samples one response for each of this rank's prompts of PPO step `step`."""
+        prompts = [e["prompt_ids"] for e in next(self.data_iter)]
+        return self._sample(prompts, self.cfg.sampling, seed=self.cfg.seed + 7919 * step + self.de.rank())
+
+    def eval_rollout(self, num_prompts: int) -> Dict[str, list]:
+        """Samples the first `num_prompts` eval prompts (this rank's contiguous share, padded to
+        equal counts with copies of prompt 0) with the fixed eval settings and seed."""
+        n, world = min(num_prompts, len(self.eval_rows)), self.de.world_size()
+        per_rank = math.ceil(n / world)
+        idx = [i if i < n else 0 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank)]
+        prompts = [self.eval_rows[i]["prompt_ids"] for i in idx]
+        out = self._sample(prompts, self.cfg.eval_sampling, seed=self.cfg.seed + 104729 + self.de.rank())
+        real = sum(1 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank) if i < n)
+        return {k: v[:real] for k, v in out.items()}
+
+    @torch.no_grad()
+    def logprobs(self, rows: Sequence[Row], entropy: bool = False, temperature: Optional[float] = None):
+        """Per-row response log-probs (R,) under the current policy, and the summed entropy."""
+        return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, entropy, temperature)
+
+    def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a minibatch (gradient accumulation over
+        micro-batches). `num_tokens` is the minibatch's response-token count over ALL ranks, so
+        each micro-batch's loss is its share of one global token mean."""
+        from align.models.logprobs import sequence_logprobs
+        from rlhf.ppo_math import policy_loss
+
+        cfg, engine = self.cfg, self.engine
+        # DeepSpeed divides by accumulation steps and averages over ranks; undo both.
+        scale = self.de.world_size() * self.gas
+        totals: Dict[str, float] = {"loss": 0.0}
+        micro = chunks(rows, cfg.deepspeed.micro_batch_size)
+        assert len(micro) == self.gas, f"{len(micro)} micro-batches, engine expects {self.gas}"
+        for part in micro:
+            batch, plens = collate_rows(part, self.tokenizer.pad_token_id)
+            mask = response_mask(part, plens.device)
+            lp = sequence_logprobs(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                   temperature=cfg.sampling.temperature)
+            new = response_view(lp.token_logps, plens, mask.shape[1])
+            old = pad_right([r["old_logprobs"] for r in part], mask.shape[1], mask.device)
+            adv = pad_right([r["advantages"] for r in part], mask.shape[1], mask.device)
+            loss, stats = policy_loss(new, old, adv, mask, cfg.clip_range, num_tokens=num_tokens)
+            engine.backward(loss * scale)
+            engine.step()
+            totals["loss"] += loss.item()
+            _sum_stats(totals, stats, float(mask.sum()))
+        return totals
+
+    def save_checkpoint(self, step: int, driver_state: Dict[str, Any]) -> str:
+        return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step,
+                                       {"data": self.batches.state_dict(), "driver": driver_state},
+                                       keep=self.cfg.train.keep_checkpoints)
+
+    def export(self, out_dir: str):
+        return self.de.export_hf(self.engine, self.tokenizer, out_dir)
+
+    def close(self) -> None:
+        self.engine = self.generate_fn = None
+
+
+class ValueRole:
+    """One rank of the critic: per-token values and clipped value-regression steps."""
+
+    def __init__(self, cfg):
+        from align.engine import deepspeed_engine as de
+        from align.models.builders import build_scalar_model, build_tokenizer
+
+        self.cfg, self.de = cfg, de
+        de.seed_everything(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.gas = _grad_accum(cfg, de.world_size())
+        path = cfg.value_model or cfg.reward_model
+        model = TokenScalars(build_scalar_model(replace(cfg.model, name_or_path=path, tokenizer=None),
+                                                self.tokenizer, seed=cfg.seed))
+        optim = replace(cfg.optim, lr=cfg.value_lr if cfg.value_lr is not None else cfg.optim.lr)
+        ds = role_deepspeed(cfg, cfg.value, trained=True, grad_accum_steps=self.gas)
+        self.engine = de.init_train_engine(model, ds, optim, _optimizer_steps(cfg))
+        self.step = 0
+        state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
+        if state is not None:
+            self.step = state["step"]
+
+    def _ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.run_dir, "checkpoints", "value")
+
+    def plan(self) -> Dict[str, Any]:
+        return {"start_step": self.step}
+
+    def _values(self, rows: Sequence[Row]):
+        batch, plens = collate_rows(rows, self.tokenizer.pad_token_id)
+        mask = response_mask(rows, plens.device)
+        values = self.engine(batch["input_ids"], batch["attention_mask"])
+        return response_view(values, plens, mask.shape[1], offset=-1), mask
+
+    @torch.no_grad()
+    def values(self, rows: Sequence[Row]) -> List[torch.Tensor]:
+        out = []
+        for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
+            values, _ = self._values(part)
+            out += [values[i, : len(r["response"])].cpu() for i, r in enumerate(part)]
+        return out
+
+    def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, float]:
+        from rlhf.ppo_math import value_loss
+
+        scale = self.de.world_size() * self.gas
+        totals: Dict[str, float] = {"loss": 0.0}
+        for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
+            values, mask = self._values(part)
+            old = pad_right([r["old_values"] for r in part], mask.shape[1], mask.device)
+            returns = pad_right([r["returns"] for r in part], mask.shape[1], mask.device)
+            loss, stats = value_loss(values, old, returns, mask, self.cfg.clip_range_value, num_tokens=num_tokens)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            totals["loss"] += loss.item()
+            _sum_stats(totals, stats, float(mask.sum()))
+        return totals
+
+    def save_checkpoint(self, step: int) -> str:
+        return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step, {},
+                                       keep=self.cfg.train.keep_checkpoints)
+
+    def close(self) -> None:
+        self.engine = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen roles
+# ---------------------------------------------------------------------------------------------
+
+
+def _logprobs(engine, rows: Sequence[Row], pad_id: int, cfg, entropy: bool = False,
+              temperature: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Per-row log-probs of the sampling distribution, logits / temperature (the rollout's by default)."""
+    from align.models.logprobs import sequence_logprobs
+    from rlhf.ppo_math import entropy_from_logits
+
+    temperature = temperature or cfg.sampling.temperature
+    out = []
+    for part in chunks(rows, cfg.deepspeed.micro_batch_size):
+        batch, plens = collate_rows(part, pad_id)
+        width = max(len(r["response"]) for r in part)
+        lp = sequence_logprobs(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                               temperature=temperature, keep_logits=entropy)
+        token_logps = response_view(lp.token_logps, plens, width)
+        if entropy:
+            ent = response_view(entropy_from_logits(lp.logits.float() / temperature), plens, width, -1)
+        for i, r in enumerate(part):
+            n = len(r["response"])
+            item = {"logprobs": token_logps[i, :n].cpu()}
+            if entropy:
+                item["entropy"] = float(ent[i, :n].sum())
+            out.append(item)
+    return out
+
+
+class ReferenceRole:
+    """One rank of the frozen reference policy (the SFT model): log-probs only."""
+
+    def __init__(self, cfg):
+        from align.engine import deepspeed_engine as de
+        from align.models.builders import build_causal_lm, build_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.model)
+        model = build_causal_lm(replace(cfg.model, name_or_path=cfg.reference_model or cfg.model.name_or_path),
+                                self.tokenizer, seed=cfg.seed)
+        self.engine = de.init_eval_engine(model, role_deepspeed(cfg, cfg.reference, trained=False), cfg.optim)
+
+    @torch.no_grad()
+    def logprobs(self, rows: Sequence[Row], temperature: Optional[float] = None) -> List[Dict[str, Any]]:
+        return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, temperature=temperature)
+
+    def close(self) -> None:
+        self.engine = None
+
+
+class RewardRole:
+    """One rank of the frozen reward model: score at the last token, normalised with the
+    reward_mean / reward_std that the reward-model stage stored in its config.json."""
+
+    def __init__(self, cfg):
+        from align.engine import deepspeed_engine as de
+        from align.models.builders import build_scalar_model, build_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.model)
+        model = build_scalar_model(replace(cfg.model, name_or_path=cfg.reward_model, tokenizer=None),
+                                   self.tokenizer, seed=cfg.seed)
+        self.mean, self.std = 0.0, 1.0
+        if cfg.normalize_reward:
+            self.mean = float(getattr(model.config, "reward_mean", 0.0) or 0.0)
+            self.std = float(getattr(model.config, "reward_std", 1.0) or 1.0)
+        self.engine = de.init_eval_engine(TokenScalars(model), role_deepspeed(cfg, cfg.reward, trained=False),
+                                          cfg.optim)
+
+    def normalisation(self) -> Dict[str, float]:
+        return {"reward_mean": self.mean, "reward_std": self.std}
+
+    @torch.no_grad()
+    def scores(self, rows: Sequence[Row]) -> List[float]:
+        from align.models.builders import last_token_index
+
+        out: List[float] = []
+        for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
+            batch, _ = collate_rows(part, self.tokenizer.pad_token_id)
+            values = self.engine(batch["input_ids"], batch["attention_mask"])
+            raw = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+            out += ((raw - self.mean) / self.std).tolist()
+        return out
+
+    def close(self) -> None:
+        self.engine = None
