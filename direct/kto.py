@@ -233,16 +233,13 @@ class KTOWorker:
         for b in batches:
             losses, rewards, logps = self._losses(b, self.ref["train"], z0)
             engine.backward(losses.sum() * scale)
-            engine.step()
+            de.optimizer_step(engine)
             self._add(means, losses, rewards, logps, b["label"], torch.ones_like(losses))
         self.step += 1
         metrics = means.reduce(de.all_reduce_sum)
         if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        metrics.update(kl=z0.item(), lr=engine.get_lr()[0], tokens=tokens, tokens_per_s=self.throughput.tick(tokens))
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics.update(de.step_metrics(engine), kl=z0.item(), tokens=tokens, tokens_per_s=self.throughput.tick(tokens))
         return metrics
 
     @torch.no_grad()

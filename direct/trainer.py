@@ -227,16 +227,13 @@ class DPOWorker:
         for b in batches:
             losses, stats = self.pair_losses(b, self.ref.get("train"))
             engine.backward((losses * b["weight"]).sum() * scale)
-            engine.step()
+            de.optimizer_step(engine)
             for name, values in stats.items():
                 means.add(name, values, b["weight"])
         self.step += 1
-        metrics = dict(means.reduce(de.all_reduce_sum), lr=engine.get_lr()[0], tokens=tokens,
+        metrics = dict(means.reduce(de.all_reduce_sum), **de.step_metrics(engine), tokens=tokens,
                        tokens_per_s=self.throughput.tick(tokens), **self.round_metrics)
         self.round_metrics = {}
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
         return metrics
 
     @torch.no_grad()

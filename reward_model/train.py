@@ -180,17 +180,14 @@ class RMWorker:
             scores, rc, rr, losses, weights, pair_valid = self._forward(b)
             # DeepSpeed divides by grad-accumulation steps and averages over ranks; undo both.
             engine.backward(losses.sum() * scale)
-            engine.step()
+            de.optimizer_step(engine)
             sums += _sums(losses, weights, rc, rr, pair_valid, scores, torch.ones_like(scores),
                           b["attention_mask"].sum())
         self.step += 1
         sums = de.all_reduce_sum(sums)
         metrics = _metrics(sums)
         tokens = sums[_SUMS.index("tokens")].item()
-        metrics.update(lr=engine.get_lr()[0], tokens=tokens, tokens_per_s=self.throughput.tick(tokens))
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics.update(de.step_metrics(engine), tokens=tokens, tokens_per_s=self.throughput.tick(tokens))
         return metrics
 
     @torch.no_grad()

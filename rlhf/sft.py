@@ -94,16 +94,12 @@ class SFTWorker:
             nll = -lp.sum.sum()
             # DeepSpeed divides by grad-accumulation steps and averages over ranks; undo both.
             engine.backward(nll * scale)
-            engine.step()
+            de.optimizer_step(engine)
             total_nll += nll.item()
         self.step += 1
         loss = de.all_reduce_sum(torch.tensor(total_nll, device=de.device())).item() / max(global_tokens, 1.0)
-        metrics = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": engine.get_lr()[0],
-                   "tokens": global_tokens, "tokens_per_s": self.throughput.tick(global_tokens)}
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        return metrics
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), **de.step_metrics(engine),
+                "tokens": global_tokens, "tokens_per_s": self.throughput.tick(global_tokens)}
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> Dict[str, float]:

@@ -210,6 +210,29 @@ def init_eval_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimCo
     return engine
 
 
+def optimizer_step(engine) -> None:
+    """`engine.step()`, remembering the global gradient norm (before clipping) of an update.
+
+    DeepSpeed records the norm under ZeRO-1/2/3 but not at stage 0 with a client optimizer, so
+    there it is computed here from the already all-reduced gradients.
+    """
+    if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+        norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        engine._align_grad_norm = torch.stack(norms).norm().item() if norms else None
+    engine.step()
+
+
+def step_metrics(engine) -> Dict[str, float]:
+    """Learning rate and gradient norm of the last optimizer step, for logging."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = getattr(engine, "_align_grad_norm", None)
+    out = {"lr": float(engine.get_lr()[0])}
+    if norm is not None:
+        out["grad_norm"] = float(norm)
+    return out
+
+
 def is_zero3(engine) -> bool:
     return getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
 

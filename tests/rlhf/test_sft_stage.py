@@ -45,8 +45,8 @@ def test_finished_stage_is_reused(sft_summary, ray_session):
     assert finished(cfg, data_fingerprint([*cfg.data.train, *cfg.data.eval], cfg.seed)) is None
 
 
-def _losses(run_dir):
-    return [json.loads(l)["loss"] for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in l]
+def _losses(run_dir, key="loss"):
+    return [json.loads(l)[key] for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in l]
 
 
 def test_two_actors_zero2_match_one_actor(ray_session, tmp_path, quick):
@@ -68,6 +68,10 @@ def test_two_actors_zero2_match_one_actor(ray_session, tmp_path, quick):
     assert len(a) == len(b) == 3
     assert a[0] > a[2]  # it trains
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+    # The gradient norm is DeepSpeed's under ZeRO-2 and computed by the engine module at stage 0:
+    # the two must agree, or a scaling mistake in either would go unseen (Adam hides it).
+    torch.testing.assert_close(torch.tensor(_losses(two.run_dir, "grad_norm")),
+                               torch.tensor(_losses(one.run_dir, "grad_norm")), rtol=1e-4, atol=0)
 
 
 def test_packing_keeps_the_token_mean(ray_session, tmp_path, quick):
