@@ -284,7 +284,9 @@ class PPOTrainer:
         seq_tokens = generated + sum(len(p) for p in rollout["prompt"])
         metrics.update({"time/generate": t1 - t0, "time/inference": t2 - t1, "time/train": t3 - t2,
                         "time/step": t3 - t0, "tokens/s_generate": generated / (t1 - t0),
-                        "tokens/s_train": seq_tokens * self.cfg.ppo_epochs / (t3 - t2)})
+                        "tokens/s_train": seq_tokens * self.cfg.ppo_epochs / (t3 - t2),
+                        # tokens through the policy's training forward/backward this step
+                        "tokens": float(seq_tokens * self.cfg.ppo_epochs)})
         return metrics
 
     # -- evaluation, checkpoints, export ----------------------------------------------------------
@@ -359,8 +361,10 @@ def run(cfg: PPOConfig, reuse: bool = True, group: Optional[str] = None) -> Dict
             tracker.log(trainer.start_eval, 0)
         bar = tqdm(total=total, initial=start, desc="ppo", dynamic_ncols=True, disable=None)
         last: Dict[str, float] = {}
+        train_tokens = 0.0
         for step in range(start + 1, total + 1):
             last = trainer.step(step)
+            train_tokens += last.get("tokens", 0.0)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in
                              ("objective/scores", "objective/kl", "gold/score") if k in last})
@@ -375,7 +379,7 @@ def run(cfg: PPOConfig, reuse: bool = True, group: Optional[str] = None) -> Dict
         tracker.log(final, total)
         trainer.export(run_dir.model)
         summary = {"stage": "ppo", "steps": total, "wall_time_s": round(time.time() - started, 2),
-                   "model_dir": run_dir.model, "final_train": last, "final_eval": final,
+                   "train_tokens": train_tokens, "model_dir": run_dir.model, "final_train": last, "final_eval": final,
                    "start_eval": trainer.start_eval, "prompts": trainer.plan["prompts"],
                    "data_report": trainer.plan["data_report"]}
         tracker.summary({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})

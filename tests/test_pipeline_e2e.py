@@ -29,8 +29,9 @@ def test_report_has_every_method_with_finite_metrics(quick_run):
     rows = {r["method"]: r for r in report["methods"]}
     assert set(rows) == {"sft", "ppo", "dpo", "kto"}
     for row in rows.values():
-        for key in ("gold", "rm", "kl", "length", "distinct_2", "cost_wall_time_s"):
+        for key in ("gold", "rm", "kl", "length", "distinct_2", "cost_wall_time_s", "cost_train_tokens"):
             assert math.isfinite(row[key]), (row["method"], key)
+        assert row["cost_train_tokens"] > 0 and row["cost_wall_time_s"] > 0
         lo, hi = row["gold_ci"]
         assert lo <= row["gold"] <= hi
     assert rows["sft"]["kl"] == 0.0  # the baseline is the reference
