@@ -69,3 +69,23 @@ def test_summarize_rows_and_table():
     table = markdown_table(rows)
     assert table.splitlines()[0].startswith("| method | gold score")
     assert "| dpo | 0.000 [" in table
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/pipeline/*.yaml")))
+def test_shipped_pipelines_resolve_every_stage(path):
+    """Every stage of every shipped pipeline (the real-model one too) resolves to a valid config,
+    with its inputs wired to the upstream stage's exported model."""
+    from launch.pipeline import stage_config
+
+    pipe = load_config(PipelineConfig, path)
+    names = order(pipe.stages)
+    models = {n: f"/models/{n}" for n in names}
+    for name in names:
+        cfg = stage_config(pipe, name, models)
+        assert cfg.run_dir.endswith(name) and cfg.tracking.group == pipe.name
+        for key, upstream in pipe.stages[name].inputs.items():
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            assert obj == models[upstream], (name, key)
+    assert pipe.evaluation.baseline in names
