@@ -1,0 +1,84 @@
+"""DPO side by side: ours (direct.trainer.run: 1 Ray actor, DeepSpeed ZeRO-0, fp32) against TRL's
+DPOTrainer (use_cpu=True, loss_type=["sigmoid"], fp32): same weights, rows, batches, hyperparameters.
+
+    .venv/bin/python benchmarks/bench_dpo.py        # ours, ours-nice0, trl x 3 reps: 6-15 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_dpo.py --variants ours,trl,trl-ref --out dpo_trl_ref
+
+Rows: `steps x micro_batch` pairs of builtin:preferences (one epoch), micro-batch 8 pairs = 16
+sequences in one concatenated forward, beta 0.1. Our config is built in code (`our_config`);
+cpus_per_actor = all cores, so our actor and TRL run torch with the same thread count.
+"ours-nice0" is ours with RAY_worker_niceness=0 (harness.NICE0): Ray runs actors at niceness 15.
+
+The reference model. Ours always precomputes reference log-probs once before training
+(direct.ref_cache, here into a fresh cache directory each run) and holds no reference model while
+training. TRL runs both ways: `precompute_ref_log_probs=True` ("trl": the same design, so the fair
+comparison of training speed) and its default ("trl-ref": a reference forward every step, what a
+TRL user gets out of the box; its MFU counts that forward as 2 x params FLOPs per token). The
+reference pass is start-up in both: outside the steady state, inside end-to-end wall time.
+Writes benchmarks/results/dpo.md (or OUT.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common as C  # noqa: E402
+from benchmarks import harness as H  # noqa: E402
+
+BETA = 0.1
+
+
+def our_config(a):
+    """Our DPO stage config, built in code: the benchmark's model, rows and settings."""
+    from align.config import DeepSpeedConfig, ModelConfig, OptimConfig, RayConfig, TrackingConfig, TrainConfig
+    from direct.trainer import DPOConfig, LossConfig
+
+    return DPOConfig(model=ModelConfig(name_or_path=a.model), data=C.data_config(a.data),
+                     loss=LossConfig(name="dpo", beta=BETA), optim=OptimConfig(lr=H.LR, scheduler="constant"),
+                     deepspeed=DeepSpeedConfig(zero_stage=0, micro_batch_size=a.micro_batch),
+                     ray=RayConfig(num_actors=1, cpus_per_actor=float(os.cpu_count()), object_store_memory=256 * C.MIB),
+                     tracking=TrackingConfig(backend="none"), train=TrainConfig(max_steps=a.steps, resume=False),
+                     final_samples=0, reference_cache=os.path.join(a.tmp, "ref"), run_dir=os.path.join(a.tmp, "run"),
+                     seed=C.SEED)
+
+
+def child_ours(a) -> dict:
+    from direct.trainer import run
+
+    cfg = our_config(a)
+    run(cfg, reuse=False)
+    return C.our_metrics(cfg.run_dir)
+
+
+def child_trl(a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(os.cpu_count())
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    args = H.trl_args(a, DPOConfig, loss_type=["sigmoid"], beta=BETA, precompute_ref_log_probs=a.child == "trl")
+    clock = H.clock_callback()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=H.trl_dataset(a), processing_class=tok,
+                         callbacks=[clock])
+    ds = trainer.train_dataset
+    ids = [[p + c, p + r] for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    return H.trl_train(a, trainer, clock, ids)
+
+
+STAGE = H.Stage(
+    name="dpo", title="DPO: ours (direct.trainer) vs TRL DPOTrainer", split="preferences", kind="pairwise",
+    children={"ours": child_ours, "ours-nice0": child_ours, "trl": child_trl, "trl-ref": child_trl},
+    labels={"ours": "ours", "ours-nice0": "ours, actor at nice 0", "trl": "TRL, precomputed ref",
+            "trl-ref": "TRL, ref forward each step"},
+    no_grad_forwards={"trl-ref": 1},
+    env={"ours-nice0": H.NICE0},
+    settings=f"DPO (sigmoid), beta {BETA}, micro-batch counted in pairs (2 sequences each); reference log-probs "
+             "precomputed by ours and by 'TRL, precomputed ref'.")
+
+if __name__ == "__main__":
+    H.main(STAGE, __doc__, steps=10, micro_batch=8, variants="ours,ours-nice0,trl")

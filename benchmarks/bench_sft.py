@@ -1,0 +1,70 @@
+"""SFT side by side: ours (rlhf.sft.run: 1 Ray actor, DeepSpeed ZeRO-0, fp32) against TRL's
+SFTTrainer (use_cpu=True, prompt-completion rows, loss on completion tokens only, fp32): same
+weights, rows, batches and hyperparameters.
+
+    .venv/bin/python benchmarks/bench_sft.py        # ours, ours-nice0, trl x 3 reps: 6-15 min on 2 shared cores
+
+Rows: `steps x micro_batch` of builtin:sft (one epoch), micro-batch 16 sequences, no packing in
+either (both pad each micro-batch to its longest row). The loss is the mean NLL over the
+response tokens (EOS included) of the batch in both. "ours-nice0": ours with the Ray actor at
+niceness 0 (harness.NICE0). Writes benchmarks/results/sft.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common as C  # noqa: E402
+from benchmarks import harness as H  # noqa: E402
+
+
+def our_config(a):
+    """Our SFT stage config, built in code."""
+    from align.config import DeepSpeedConfig, ModelConfig, OptimConfig, RayConfig, TrackingConfig, TrainConfig
+    from rlhf.sft import SFTConfig
+
+    return SFTConfig(model=ModelConfig(name_or_path=a.model), data=C.data_config(a.data),
+                     optim=OptimConfig(lr=H.LR, scheduler="constant"),
+                     deepspeed=DeepSpeedConfig(zero_stage=0, micro_batch_size=a.micro_batch),
+                     ray=RayConfig(num_actors=1, cpus_per_actor=float(os.cpu_count()), object_store_memory=256 * C.MIB),
+                     tracking=TrackingConfig(backend="none"), train=TrainConfig(max_steps=a.steps, resume=False),
+                     final_samples=0, run_dir=os.path.join(a.tmp, "run"), seed=C.SEED)
+
+
+def child_ours(a) -> dict:
+    from rlhf.sft import run
+
+    cfg = our_config(a)
+    run(cfg, reuse=False)
+    return C.our_metrics(cfg.run_dir)
+
+
+def child_trl(a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(os.cpu_count())
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    args = H.trl_args(a, SFTConfig, packing=False, completion_only_loss=True)
+    clock = H.clock_callback()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=H.trl_dataset(a), processing_class=tok,
+                         callbacks=[clock])
+    ids = [[list(x)] for x in trainer.train_dataset["input_ids"]]
+    return H.trl_train(a, trainer, clock, ids)
+
+
+STAGE = H.Stage(
+    name="sft", title="SFT: ours (rlhf.sft) vs TRL SFTTrainer", split="sft", kind="sft",
+    children={"ours": child_ours, "ours-nice0": child_ours, "trl": child_trl},
+    labels={"ours": "ours", "ours-nice0": "ours, actor at nice 0", "trl": "TRL"},
+    ours_counts_all_tokens=False,  # our SFT metrics count response tokens; the shared count is all non-pad
+    env={"ours-nice0": H.NICE0},
+    settings="SFT on prompt-completion rows, loss on response tokens, no packing.")
+
+if __name__ == "__main__":
+    H.main(STAGE, __doc__, steps=10, micro_batch=16)

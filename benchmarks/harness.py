@@ -1,0 +1,215 @@
+"""The side-by-side driver every bench_<stage>.py uses: one command runs alternating repetitions
+of our stage and of TRL's trainer, each in a fresh process, and writes benchmarks/results/<stage>.md.
+
+A benchmark module supplies a `Stage`: which data split, how to run each variant in a child
+process (returning per-step losses and step times, plus TRL's token ids), and how many
+no-grad forwards per trained token each variant does (for MFU). Raw results are saved to
+$ALIGN_BENCH_WORK/<out>-raw.json (default /tmp/align-bench) after every run; `--report-only`
+rewrites the Markdown from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+from benchmarks import common as C
+
+LR = 1e-4
+# Ray starts worker processes, so our training actors, at niceness 15 (raylet's worker_niceness);
+# TRL's process runs at 0. On a machine shared with other jobs that alone decides who gets the
+# cores, so the benchmarks also run ours with the actors at 0, as a separate variant.
+NICE0 = {"RAY_worker_niceness": "0"}
+
+
+@dataclass
+class Stage:
+    name: str  # results file stem and title
+    title: str
+    split: str  # built-in split written for both
+    kind: str  # our data kind: sft, pairwise
+    children: Dict[str, Callable]  # variant -> child(args) -> {"loss", "step_s", ["ids"], ["tokens"]}
+    labels: Dict[str, str]
+    settings: str  # one line: what was run
+    scalar: bool = False  # a reward model (scalar head) instead of a causal LM
+    no_grad_forwards: Dict[str, int] = field(default_factory=dict)  # e.g. TRL's per-step reference forward
+    ours_counts_all_tokens: bool = True  # our metrics' "tokens" is the shared definition
+    env: Dict[str, Dict[str, str]] = field(default_factory=dict)  # variant -> extra environment
+
+
+def clock_callback():
+    """A TrainerCallback recording when TRL's training starts and each optimizer step ends."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, *args, **kwargs):
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, *args, **kwargs):
+            self.marks.append(time.perf_counter())
+
+        def step_s(self):
+            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+    return Clock()
+
+
+def trl_args(a, config_cls, **extra):
+    """TRL TrainingArguments matching ours: torch AdamW (not TRL's fused default), constant LR,
+    no weight decay, clip 1.0, fp32, no gradient checkpointing, one log per step, no saving."""
+    return config_cls(output_dir=os.path.join(a.tmp, "out"), use_cpu=True, report_to="none", seed=C.SEED,
+                      per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=1, max_steps=a.steps,
+                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                      adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
+                      gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=1, save_strategy="no",
+                      train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+                      max_length=C.MAX_LENGTH, **extra)
+
+
+def trl_dataset(a):
+    """The benchmark rows in our BatchIterator's order, read sequentially by TRL."""
+    from datasets import load_dataset
+
+    order = [i for batch in C.batch_order(a.steps * a.micro_batch, a.micro_batch, a.steps) for i in batch]
+    return load_dataset("json", data_files=a.data, split="train").select(order)
+
+
+def trl_train(a, trainer, clock, ids) -> dict:
+    """Trains, saves the model (ours exports one too) and returns the child's result."""
+    trainer.train()
+    trainer.save_model(os.path.join(a.tmp, "model"))
+    return {"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h], "step_s": clock.step_s(),
+            "ids": ids}
+
+
+def model_params(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) -> str:
+    variants = list(res)
+    base = next((v for v in variants if v.startswith("trl")), "ours")  # ratios are to TRL
+    steady = {v: [C.steady(r["step_s"], tokens["real"]) for r in res[v]] for v in variants}
+    tps = {v: [s["tokens_per_s"] for s in steady[v]] for v in variants}
+    cols = [["", "tokens/s, steady (median (min-max))", "step s", "end-to-end wall s",
+             "wall outside steps s (imports, start-up, ref pass, save, shutdown)",
+             "peak RSS MiB of the training process (our actor; TRL's process)", "peak PSS MiB: driver + actors",
+             "peak PSS MiB: whole tree (+ Ray daemons, idle workers)", "MFU (median tokens/s)",
+             f"tokens/s / {st.labels[base]}'s (median; range over same-rep pairs)", "step-1 loss",
+             "max abs loss diff vs ours"]]
+    for v in variants:
+        loss = res[v][0]["loss"]
+        pairs = [x["tokens_per_s"] / t["tokens_per_s"] for x, t in zip(steady[v], steady[base])]
+        cols.append([
+            st.labels[v], C.spread(tps[v]), C.spread([s["step_s"] for s in steady[v]], "{:.2f}"),
+            C.spread([r["wall_s"] for r in res[v]]), C.spread([r["wall_s"] - sum(r["step_s"]) for r in res[v]]),
+            C.spread([r["peak_rss"]["train_rss"] / C.MIB for r in res[v]]),
+            C.spread([r["peak_rss"]["driver+actors"] / C.MIB for r in res[v]]),
+            C.spread([r["peak_rss"]["tree"] / C.MIB for r in res[v]]),
+            f"{C.mfu(params, statistics.median(tps[v]), peak, st.no_grad_forwards.get(v, 0)):.1%}",
+            f"{statistics.median(tps[v]) / statistics.median(tps[base]):.2f} ({min(pairs):.2f}-{max(pairs):.2f})",
+            f"{loss[0]:.6f}",
+            "-" if v == "ours" else f"{max(abs(x - y) for x, y in zip(loss, res['ours'][0]['loss'])):.1e}"])
+    want = [s for i in (j for b in order for j in b) for s in seqs[i]]
+    same_ids = all(r["ids"] == want for v in variants if "ids" in res[v][0] for r in res[v])
+    repro = {v: max(abs(x - y) for r in res[v] for x, y in zip(r["loss"], res[v][0]["loss"])) for v in variants}
+    grid = [list(x) for x in zip(*cols)]
+    lines = [C.table(grid[0], grid[1:]), "",
+             "Per-step losses (repetition 1):", "",
+             C.table(["step", "tokens", "padded tokens"] + [st.labels[v] for v in variants],
+                     [[i + 1, tokens["real"][i], tokens["padded"][i]]
+                      + [f"{res[v][0]['loss'][i]:.6f}" for v in variants] for i in range(a.steps)]), "",
+             "Per repetition: steady tokens/s (mean 1-minute load average during the run; the run itself adds "
+             "about 2):", "",
+             C.table(["rep"] + [st.labels[v] for v in variants],
+                     [[i + 1] + [f"{steady[v][i]['tokens_per_s']:.0f} ({res[v][i]['load']:.1f})" for v in variants]
+                      for i in range(len(res[variants[0]]))]), "",
+             f"- Identical token ids in TRL and in our data layer, in the same batch order: {same_ids}."]
+    if st.ours_counts_all_tokens:
+        ok = all(r["tokens"] == tokens["real"][:len(r["tokens"])] for v in variants if "tokens" in res[v][0]
+                 for r in res[v])
+        lines.append(f"- Our metrics' per-step token counts equal the shared count: {ok}.")
+    pad = 1 - sum(tokens["real"]) / sum(tokens["padded"])
+    lines += [f"- Loss spread across repetitions (max abs): "
+              + ", ".join(f"{st.labels[v]} {repro[v]:.1e}" for v in variants) + ".",
+              f"- Padding: {pad:.0%} of the token positions forwarded are pad (both pad each micro-batch to its "
+              f"longest row). Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
+              f"threads, best of 5 timed before and after the runs); 1-minute load before {load_before}, "
+              f"after {C.load_line()}."]
+    return "\n".join(lines)
+
+
+def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: str = "") -> None:
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--micro-batch", type=int, default=micro_batch)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--variants", default=variants or ",".join(st.children))
+    p.add_argument("--out", default=st.name, help="results file stem (benchmarks/results/OUT.md)")
+    p.add_argument("--report-only", action="store_true", help="rewrite OUT.md from the last run's raw results")
+    p.add_argument("--child", choices=list(st.children))
+    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--tmp")
+    a = p.parse_args()
+    if a.child:
+        out = st.children[a.child](a)
+        with open(os.path.join(a.tmp, "result.json"), "w") as fh:
+            json.dump(out, fh)
+        return
+    started, load_before = time.perf_counter(), C.load_line()
+    rows = a.steps * a.micro_batch
+    paths = C.prepare(st.split, rows, scalar=st.scalar)
+    seqs = C.our_tokens(st.kind, paths["data"], paths["model"])
+    order = C.batch_order(rows, a.micro_batch, a.steps)
+    tokens = C.step_tokens(seqs, order)
+    C.prebuild_deepspeed_ops()
+    peak = C.peak_flops()
+    variants = a.variants.split(",")
+    script = os.path.join(C.REPO, "benchmarks", f"bench_{st.name}.py")
+    res = {v: [] for v in variants}
+    if a.report_only:
+        with open(os.path.join(C.WORK, f"{a.out}-raw.json")) as fh:
+            raw = json.load(fh)
+        res, peak, load_before = raw["res"], raw["peak"], raw["load_before"]
+    for rep in range(0 if a.report_only else a.reps):
+        for v in (variants if rep % 2 == 0 else variants[::-1]):
+            tmp = tempfile.mkdtemp(dir=C.WORK, prefix=f"{st.name}-{v}-")
+            args = ["--child", v, "--model", paths["model"], "--data", paths["data"], "--tmp", tmp,
+                    "--steps", str(a.steps), "--micro-batch", str(a.micro_batch)]
+            r = C.run_child(script, args, os.path.join(tmp, "result.json"), st.env.get(v))
+            if "ids" in r:  # flattened; the report compares them with our tokenization
+                r["ids"] = [s for row in r["ids"] for s in row]
+            res[v].append(r)
+            with open(os.path.join(C.WORK, f"{a.out}-raw.json"), "w") as fh:  # --report-only reads it
+                json.dump({"res": res, "peak": peak, "load_before": load_before}, fh)
+            print(f"rep {rep + 1} {v}: {C.steady(r['step_s'], tokens['real'])['tokens_per_s']:.0f} tokens/s, "
+                  f"wall {r['wall_s']:.0f} s, load {C.load_line()}", flush=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    peak = max(peak, C.peak_flops())  # the best seen before and after: load lowers it, not raises it
+    m = C.machine()
+    text = "\n".join([
+        f"# {st.title}", "",
+        f"`.venv/bin/python benchmarks/bench_{st.name}.py --steps {a.steps} --micro-batch {a.micro_batch} "
+        f"--reps {a.reps} --variants {a.variants}` ({time.perf_counter() - started:.0f} s in all)", "",
+        f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
+        f"{st.settings} builtin:tiny-30m saved once, fp32, {a.steps} steps, micro-batch {a.micro_batch}, "
+        f"max_length {C.MAX_LENGTH}, AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
+        f"in both; {a.reps} repetitions, alternating order; steady state = steps 2..{a.steps}. Memory: psutil, the "
+        "run's process tree sampled every 1 s (the sampler costs ~2% of one core); PSS splits shared pages (Ray's "
+        "object store, libraries) between the processes mapping them, so the sums are not inflated.", "",
+        report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)])
+    print(text)
+    print("wrote", C.write_result(a.out, text))
