@@ -55,6 +55,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Attention implementation passed to transformers ("eager", "sdpa", "flash_attention_2").
     attn_implementation: str = "sdpa"
+    # Training forwards drop padding: each micro-batch's sequences run as one packed row with
+    # attention kept inside each sequence (align.models.padding_free), so no compute goes to
+    # pad positions. Same losses up to float summation order; off restores padded batches.
+    padding_free: bool = True
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])

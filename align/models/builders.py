@@ -60,6 +60,10 @@ def build_tokenizer(cfg: ModelConfig):
 def _finish(model, cfg: ModelConfig, tokenizer):
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.padding_free:
+        from align.models.padding_free import enable
+
+        enable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -119,9 +123,17 @@ def scalar_head(model) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__}: no scalar head found (expected .score or .classifier)")
 
 
-def token_scalars(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-    """Per-token scalar outputs (B, T) of a scalar model: the value head at every position."""
+def token_scalars(model, input_ids, attention_mask, position_ids=None, padding_free: bool = False) -> torch.Tensor:
+    """Per-token scalar outputs (B, T) of a scalar model: the value head at every position
+    (0 at pad positions when `padding_free`, which forwards the real tokens as one packed row)."""
     backbone = getattr(model, model.base_model_prefix)
+    if padding_free:
+        from align.models.padding_free import pack
+
+        packed = pack(input_ids, attention_mask, position_ids)
+        hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                          **packed.attention_kwargs()).last_hidden_state
+        return packed.unpack(scalar_head(model)(hidden[0]).squeeze(-1).float())
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return scalar_head(model)(hidden).squeeze(-1).float()
 
@@ -132,12 +144,21 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (T - 1) - attention_mask.flip(dims=[1]).long().argmax(dim=1)
 
 
-def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
+def sequence_scores(model, input_ids, attention_mask, padding_free: bool = False) -> torch.Tensor:
     """(B,) scalar score of each sequence, read at its last non-padding token.
 
     Uses the attention mask, not `pad_token_id`, so a tokenizer whose pad token equals its EOS
     token (common for hub models) still scores at the EOS that ends the response.
+    `padding_free`: one packed forward of the real tokens; the head runs on the B last tokens only.
     """
+    if padding_free:
+        from align.models.padding_free import pack
+
+        packed = pack(input_ids, attention_mask)
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                          **packed.attention_kwargs()).last_hidden_state
+        return scalar_head(model)(hidden[0, packed.cu_seqlens[1:].long() - 1]).squeeze(-1).float()
     values = token_scalars(model, input_ids, attention_mask)
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 

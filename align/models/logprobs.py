@@ -49,13 +49,36 @@ def reduce_logprobs(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> LogPr
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       loss_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                      temperature: float = 1.0, keep_logits: bool = False) -> LogProbs:
+                      temperature: float = 1.0, keep_logits: bool = False, padding_free: bool = False) -> LogProbs:
     """Log-probabilities of the response tokens of each row under `model`.
 
     Shapes: input_ids, attention_mask, loss_mask, position_ids (B, T). Returns per-token
     log-probs (B, T) and their sum and length-average per row (B,).
+    `padding_free`: forward the rows' real tokens as one packed row (align.models.padding_free);
+    the same values up to float summation order, without compute on pad positions.
     """
+    if padding_free:
+        return _packed_logprobs(model, input_ids, attention_mask, loss_mask, position_ids, temperature, keep_logits)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     token_logps = gather_logprobs(out.logits, input_ids, loss_mask, temperature)
     result = reduce_logprobs(token_logps, loss_mask)
     return result._replace(logits=out.logits) if keep_logits else result
+
+
+def _packed_logprobs(model, input_ids, attention_mask, loss_mask, position_ids, temperature, keep_logits) -> LogProbs:
+    """sequence_logprobs on one packed row: the per-token work runs on real tokens only and the
+    per-token log-probs are scattered back to (B, T)."""
+    from align.models.padding_free import pack
+
+    packed = pack(input_ids, attention_mask, position_ids)
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                **packed.attention_kwargs())
+    # The last token of one sequence "predicts" the first of the next: sequence starts are
+    # never scored (a prompt token, or position 0 of the row), so the mask drops those terms.
+    mask = loss_mask[packed.keep].unsqueeze(0)
+    mask[0, packed.cu_seqlens[:-1].long()] = 0
+    token_logps = packed.unpack(gather_logprobs(out.logits, packed.input_ids, mask, temperature)[0])
+    result = reduce_logprobs(token_logps, loss_mask)
+    if keep_logits:
+        result = result._replace(logits=packed.unpack(out.logits[0]))
+    return result
