@@ -124,6 +124,9 @@ class OptimConfig:
     warmup_steps: int = 0
     # Clip the global gradient norm to this value; 0 turns clipping off.
     grad_clip: float = 1.0
+    # AdamW's fused kernel (one pass over all parameters; torch >= 2.4 on CPU and CUDA), what
+    # TRL's default "adamw_torch_fused" runs too. false: torch's per-tensor loop.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         check_choice("optim.scheduler", self.scheduler, ["constant", "linear", "cosine"])

@@ -48,9 +48,7 @@ def our_config(a):
 def child_ours(a) -> dict:
     from direct.trainer import run
 
-    cfg = our_config(a)
-    run(cfg, reuse=False)
-    return C.our_metrics(cfg.run_dir)
+    return H.run_ours(a, run, our_config(a))
 
 
 def child_trl(a) -> dict:
@@ -72,13 +70,13 @@ def child_trl(a) -> dict:
 
 STAGE = H.Stage(
     name="dpo", title="DPO: ours (direct.trainer) vs TRL DPOTrainer", split="preferences", kind="pairwise",
-    children={"ours": child_ours, "ours-nice0": child_ours, "trl": child_trl, "trl-ref": child_trl},
-    labels={"ours": "ours", "ours-nice0": "ours, actor at nice 0", "trl": "TRL, precomputed ref",
+    children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl, "trl-ref": child_trl},
+    labels={**H.OUR_LABELS, "trl": "TRL, precomputed ref",
             "trl-ref": "TRL, ref forward each step"},
     no_grad_forwards={"trl-ref": 1},
-    env={"ours-nice0": H.NICE0},
+    env=H.OUR_ENV,
     settings=f"DPO (sigmoid), beta {BETA}, micro-batch counted in pairs (2 sequences each); reference log-probs "
              "precomputed by ours and by 'TRL, precomputed ref'.")
 
 if __name__ == "__main__":
-    H.main(STAGE, __doc__, steps=10, micro_batch=8, variants="ours,ours-nice0,trl")
+    H.main(STAGE, __doc__, steps=20, micro_batch=8, variants="ours,ours-padded,trl,trl-ref")

@@ -46,9 +46,7 @@ def our_config(a):
 def child_ours(a) -> dict:
     from direct.kto import run
 
-    cfg = our_config(a)
-    run(cfg, reuse=False)
-    return C.our_metrics(cfg.run_dir)
+    return H.run_ours(a, run, our_config(a))
 
 
 def child_trl(a) -> dict:
@@ -71,11 +69,11 @@ def child_trl(a) -> dict:
 
 STAGE = H.Stage(
     name="kto", title="KTO: ours (direct.kto) vs TRL KTOTrainer", split="binary", kind="binary",
-    children={"ours": child_ours, "ours-nice0": child_ours, "trl": child_trl},
-    labels={"ours": "ours", "ours-nice0": "ours, actor at nice 0", "trl": "TRL, precomputed ref"},
+    children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl},
+    labels={**H.OUR_LABELS, "trl": "TRL, precomputed ref"},
     no_grad_forwards={"ours": 1, "trl": 1}, ours_counts_all_tokens=False,  # ours logs matched + KL tokens
-    env={"ours-nice0": H.NICE0},
+    env=H.OUR_ENV,
     settings=f"KTO, beta {BETA}; tokens = matched rows; losses comparable at step 1 only (see the docstring).")
 
 if __name__ == "__main__":
-    H.main(STAGE, __doc__, steps=10, micro_batch=16)
+    H.main(STAGE, __doc__, steps=20, micro_batch=16, variants="ours,ours-padded,trl")

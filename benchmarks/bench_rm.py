@@ -37,9 +37,7 @@ def our_config(a):
 def child_ours(a) -> dict:
     from reward_model.train import run
 
-    cfg = our_config(a)
-    run(cfg, reuse=False)
-    return C.our_metrics(cfg.run_dir)
+    return H.run_ours(a, run, our_config(a))
 
 
 def child_trl(a) -> dict:
@@ -62,10 +60,10 @@ def child_trl(a) -> dict:
 
 STAGE = H.Stage(
     name="rm", title="Reward model: ours (reward_model.train) vs TRL RewardTrainer", split="preferences",
-    kind="pairwise", scalar=True, children={"ours": child_ours, "ours-nice0": child_ours, "trl": child_trl},
-    labels={"ours": "ours", "ours-nice0": "ours, actor at nice 0", "trl": "TRL"},
-    env={"ours-nice0": H.NICE0},
+    kind="pairwise", scalar=True, children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl},
+    labels={**H.OUR_LABELS, "trl": "TRL"},
+    env=H.OUR_ENV,
     settings="Bradley-Terry reward model, micro-batch counted in pairs (2 sequences each).")
 
 if __name__ == "__main__":
-    H.main(STAGE, __doc__, steps=10, micro_batch=8)
+    H.main(STAGE, __doc__, steps=20, micro_batch=8, variants="ours,ours-padded,trl")

@@ -37,9 +37,7 @@ def our_config(a):
 def child_ours(a) -> dict:
     from rlhf.sft import run
 
-    cfg = our_config(a)
-    run(cfg, reuse=False)
-    return C.our_metrics(cfg.run_dir)
+    return H.run_ours(a, run, our_config(a))
 
 
 def child_trl(a) -> dict:
@@ -60,11 +58,11 @@ def child_trl(a) -> dict:
 
 STAGE = H.Stage(
     name="sft", title="SFT: ours (rlhf.sft) vs TRL SFTTrainer", split="sft", kind="sft",
-    children={"ours": child_ours, "ours-nice0": child_ours, "trl": child_trl},
-    labels={"ours": "ours", "ours-nice0": "ours, actor at nice 0", "trl": "TRL"},
+    children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl},
+    labels={**H.OUR_LABELS, "trl": "TRL"},
     ours_counts_all_tokens=False,  # our SFT metrics count response tokens; the shared count is all non-pad
-    env={"ours-nice0": H.NICE0},
+    env=H.OUR_ENV,
     settings="SFT on prompt-completion rows, loss on response tokens, no packing.")
 
 if __name__ == "__main__":
-    H.main(STAGE, __doc__, steps=10, micro_batch=16)
+    H.main(STAGE, __doc__, steps=20, micro_batch=16, variants="ours,ours-padded,trl")

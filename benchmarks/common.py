@@ -249,7 +249,12 @@ def mfu(params: int, tokens_per_s: float, peak: float, forwards_without_grad: in
     return (6 + 2 * forwards_without_grad) * params * tokens_per_s / peak
 
 
-def steady(step_times: List[float], tokens: List[int], skip: int = 1) -> Dict[str, float]:
+# Steps left out of the steady state: in both frameworks the first two or three steps run 1.5-3x
+# slower (allocator and kernel warm-up).
+WARMUP_STEPS = 3
+
+
+def steady(step_times: List[float], tokens: List[int], skip: int = WARMUP_STEPS) -> Dict[str, float]:
     """Tokens/s and median step time over the steps after the first `skip` (warm-up)."""
     t, n = step_times[skip:], tokens[skip:len(step_times)]
     return {"tokens_per_s": sum(n) / sum(t), "step_s": statistics.median(t)}

@@ -26,8 +26,20 @@ from benchmarks import common as C
 LR = 1e-4
 # Ray starts worker processes, so our training actors, at niceness 15 (raylet's worker_niceness);
 # TRL's process runs at 0. On a machine shared with other jobs that alone decides who gets the
-# cores, so the benchmarks also run ours with the actors at 0, as a separate variant.
+# cores, so the benchmarks can also run ours with the actors at 0, as a separate variant.
 NICE0 = {"RAY_worker_niceness": "0"}
+# Our variants every bench_<stage>.py offers: the defaults; padded batches (model.padding_free
+# off: what the padding-free forward saves); the actors at niceness 0.
+OUR_LABELS = {"ours": "ours", "ours-padded": "ours, padded batches", "ours-nice0": "ours, actor at nice 0"}
+OUR_ENV = {"ours-nice0": NICE0}
+
+
+def run_ours(a, run, cfg) -> dict:
+    """Runs our stage (`run(cfg)`) as variant `a.child`; returns its per-step metrics."""
+    if a.child == "ours-padded":
+        cfg.model.padding_free = False
+    run(cfg, reuse=False)
+    return C.our_metrics(cfg.run_dir)
 
 
 @dataclass
@@ -66,12 +78,12 @@ def clock_callback():
 
 
 def trl_args(a, config_cls, **extra):
-    """TRL TrainingArguments matching ours: torch AdamW (not TRL's fused default), constant LR,
+    """TRL TrainingArguments matching ours: fused torch AdamW (TRL's default, and ours), constant LR,
     no weight decay, clip 1.0, fp32, no gradient checkpointing, one log per step, no saving."""
     return config_cls(output_dir=os.path.join(a.tmp, "out"), use_cpu=True, report_to="none", seed=C.SEED,
                       per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=1, max_steps=a.steps,
                       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                      adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
+                      adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch_fused",
                       gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=1, save_strategy="no",
                       train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
                       max_length=C.MAX_LENGTH, **extra)
@@ -106,7 +118,8 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
     steady = {v: [C.steady(r["step_s"], tokens["real"]) for r in res[v]] for v in variants}
     tps = {v: [s["tokens_per_s"] for s in steady[v]] for v in variants}
     # The fastest steady step of all runs: on a shared machine the least disturbed by other jobs.
-    best = {v: max(n / t for r in res[v] for n, t in zip(tokens["real"][1:], r["step_s"][1:])) for v in variants}
+    w = C.WARMUP_STEPS
+    best = {v: max(n / t for r in res[v] for n, t in zip(tokens["real"][w:], r["step_s"][w:])) for v in variants}
     cols = [["", "tokens/s, steady (median (min-max))", "tokens/s of the fastest steady step (least load-bound)",
              "step s", "end-to-end wall s",
              "wall outside steps s (imports, start-up, ref pass, save, shutdown)",
@@ -150,8 +163,9 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
     pad = 1 - sum(tokens["real"]) / sum(tokens["padded"])
     lines += [f"- Loss spread across repetitions (max abs): "
               + ", ".join(f"{st.labels[v]} {repro[v]:.1e}" for v in variants) + ".",
-              f"- Padding: {pad:.0%} of the token positions forwarded are pad (both pad each micro-batch to its "
-              f"longest row). Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
+              f"- Padding: TRL pads each micro-batch to its longest row, so {pad:.0%} of the token positions it "
+              f"forwards are pad; ours forwards the real tokens only (model.padding_free; 'ours, padded "
+              f"batches' pads like TRL). Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
               f"threads, best of 5 timed before and after the runs); 1-minute load before {load_before}, "
               f"after {C.load_line()}."]
     return "\n".join(lines)
@@ -214,7 +228,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
         f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
         f"{st.settings} builtin:tiny-30m saved once, fp32, {a.steps} steps, micro-batch {a.micro_batch}, "
         f"max_length {C.MAX_LENGTH}, AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
-        f"in both; {a.reps} repetitions, alternating order; steady state = steps 2..{a.steps}. Memory: psutil, the "
+        f"in both; {a.reps} repetitions, alternating order; steady state = steps {C.WARMUP_STEPS + 1}..{a.steps}. Memory: psutil, the "
         "run's process tree sampled every 1 s (the sampler costs ~2% of one core); PSS splits shared pages (Ray's "
         "object store, libraries) between the processes mapping them, so the sums are not inflated.", "",
         report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)])
