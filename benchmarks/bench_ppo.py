@@ -1,14 +1,24 @@
-"""PPO: our time split only. TRL 1.16 ships no PPOTrainer (`hasattr(trl, "PPOTrainer")` is False,
-and there is none under trl.experimental either), so there is nothing to run side by side.
+"""PPO: our per-step time split, and the per-rollout time of TRL's online RL trainer at the same
+rollout size and response length.
 
-    .venv/bin/python benchmarks/bench_ppo.py        # about 4-6 min on 2 cores; --steps, --reps
+    .venv/bin/python benchmarks/bench_ppo.py        # ours and TRL x 2 reps: about 6-8 min on 2 cores
 
-Our rlhf.ppo.run with configs/ppo/default.yaml's shape: four groups of one actor (policy, value,
-reference, reward; 0.5 CPU and so 1 torch thread each), 32 prompts per step, one response each of
-at most 32 new tokens, 2 PPO epochs x 2 minibatches, micro-batch 16; builtin:tiny-30m (policy,
+TRL 1.16 ships no PPOTrainer (`hasattr(trl, "PPOTrainer")` is False, and none is under
+trl.experimental), so the peer is its GRPOTrainer, the trainer a TRL user runs for online RL from a
+reward model: same policy, reference and reward model weights, same prompts, 32 completions per
+rollout of at most 32 new tokens (temperature 1), KL weight 0.05 against the reference, and the
+same update schedule: 2 epochs x 2 minibatches of 16 (`steps_per_generation=2`,
+`num_iterations=2`), AdamW lr 1e-4. GRPO needs at least 2 completions per prompt, so it takes 16
+prompts x 2 where ours takes 32 x 1. It trains no value model; ours does (PPO's critic), so ours
+does strictly more work per rollout: policy AND value updates, four frozen/trained forwards.
+
+Ours: rlhf.ppo.run with configs/ppo/default.yaml's shape: four groups of one actor (policy, value,
+reference, reward; 0.5 CPU and so 1 torch thread each), micro-batch 16; builtin:tiny-30m (policy,
 reference) and its scalar-head copy (reward, value), saved once. Per step, from our metrics:
 generation (the policy samples), inference (policy, reference, value and reward forwards, in
-parallel), train (policy and value updates, in parallel). Writes benchmarks/results/ppo.md.
+parallel), train (policy and value updates, in parallel). TRL: one process, 2 torch threads; a
+rollout's time is the time of the 4 optimizer steps it feeds (its generation happens in the first).
+Writes benchmarks/results/ppo.md.
 """
 
 from __future__ import annotations
@@ -24,9 +34,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common as C  # noqa: E402
-from benchmarks.harness import LR, model_params  # noqa: E402
+from benchmarks.harness import LR, clock_callback, model_params  # noqa: E402
 
 PHASES = ("generate", "inference", "train")
+ROLLOUT, NEW_TOKENS, MICRO, EPOCHS, MINIBATCHES, KL = 32, 32, 16, 2, 2, 0.05
 
 
 def our_config(a):
@@ -36,9 +47,10 @@ def our_config(a):
 
     return PPOConfig(model=ModelConfig(name_or_path=a.model), reward_model=a.reward, data=C.data_config(a.data),
                      ray=RayConfig(cpus_per_actor=os.cpu_count() / 4, object_store_memory=256 * C.MIB),
-                     rollout_batch_size=32, generation_batch_size=32, ppo_epochs=2, num_minibatches=2,
-                     sampling=SamplingConfig(max_new_tokens=32), optim=OptimConfig(lr=LR), eval_prompts=0,
-                     eval_at_start=False, deepspeed=DeepSpeedConfig(micro_batch_size=16),
+                     rollout_batch_size=ROLLOUT, generation_batch_size=ROLLOUT, ppo_epochs=EPOCHS,
+                     num_minibatches=MINIBATCHES, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                     optim=OptimConfig(lr=LR), eval_prompts=0, eval_at_start=False,
+                     deepspeed=DeepSpeedConfig(micro_batch_size=MICRO),
                      tracking=TrackingConfig(backend="none"), train=TrainConfig(max_steps=a.steps, resume=False),
                      run_dir=os.path.join(a.tmp, "run"), seed=C.SEED)
 
@@ -52,69 +64,123 @@ def child(a) -> dict:
     return {"steps": [m for m in read_metrics(cfg.run_dir) if "time/step" in m]}
 
 
+def child_trl(a) -> dict:
+    """TRL's GRPOTrainer on the same weights and prompts; per-rollout times and generated tokens."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(os.cpu_count())
+    tok = AutoTokenizer.from_pretrained(a.model)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    per_rollout = EPOCHS * MINIBATCHES  # optimizer steps fed by one generation
+    args = GRPOConfig(output_dir=os.path.join(a.tmp, "out"), use_cpu=True, report_to="none", seed=C.SEED,
+                      per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
+                      generation_batch_size=ROLLOUT, num_generations=2, num_iterations=EPOCHS,
+                      max_completion_length=NEW_TOKENS, temperature=1.0, beta=KL, learning_rate=LR,
+                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                      max_steps=a.steps * per_rollout, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                      dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False)
+    data = load_dataset("json", data_files=a.data, split="train").select_columns(["prompt"])
+    clock = clock_callback()
+    trainer = GRPOTrainer(model=model, reward_funcs=a.reward, args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[clock])
+    trainer.train()
+    steps = clock.step_s()
+    rollouts = [sum(steps[i:i + per_rollout]) for i in range(0, len(steps) - per_rollout + 1, per_rollout)]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"rollout_s": rollouts, "mean_length": lengths, "first_step_s": steps[::per_rollout]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=6, help="rollouts per run (the first is warm-up)")
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--child", action="store_true")
+    p.add_argument("--variants", default="ours,trl")
+    p.add_argument("--child", choices=["ours", "trl"])
     p.add_argument("--model"), p.add_argument("--reward"), p.add_argument("--data"), p.add_argument("--tmp")
     a = p.parse_args()
     if a.child:
         with open(os.path.join(a.tmp, "result.json"), "w") as fh:
-            json.dump(child(a), fh)
+            json.dump((child if a.child == "ours" else child_trl)(a), fh)
         return
     import trl
 
     started, load_before = time.perf_counter(), C.load_line()
-    policy, reward = C.prepare("prompts", 32 * a.steps), C.prepare("prompts", 32 * a.steps, scalar=True)
+    policy, reward = C.prepare("prompts", ROLLOUT * a.steps), C.prepare("prompts", ROLLOUT * a.steps, scalar=True)
     C.prebuild_deepspeed_ops()
     peak1, peak = C.peak_flops(threads=1), C.peak_flops()
-    runs = []
+    variants = a.variants.split(",")
+    res = {v: [] for v in variants}
     for rep in range(a.reps):
-        tmp = tempfile.mkdtemp(dir=C.WORK, prefix="ppo-")
-        args = ["--child", "--model", policy["model"], "--reward", reward["model"], "--data", policy["data"],
-                "--tmp", tmp, "--steps", str(a.steps)]
-        runs.append(C.run_child(__file__, args, os.path.join(tmp, "result.json")))
-        print(f"rep {rep + 1}: wall {runs[-1]['wall_s']:.0f} s, load {C.load_line()}", flush=True)
+        for v in (variants if rep % 2 == 0 else variants[::-1]):
+            tmp = tempfile.mkdtemp(dir=C.WORK, prefix=f"ppo-{v}-")
+            args = ["--child", v, "--model", policy["model"], "--reward", reward["model"], "--data", policy["data"],
+                    "--tmp", tmp, "--steps", str(a.steps)]
+            res[v].append(C.run_child(__file__, args, os.path.join(tmp, "result.json")))
+            print(f"rep {rep + 1} {v}: wall {res[v][-1]['wall_s']:.0f} s, load {C.load_line()}", flush=True)
     peak1, peak = max(peak1, C.peak_flops(threads=1)), max(peak, C.peak_flops())  # best before/after
     params = model_params(policy["model"])
-    steady = [s for r in runs for s in r["steps"][1:]]  # step 1 is warm-up
-
-    def med(key):
-        return statistics.median(s[key] for s in steady)
-
-    step_s = med("time/step")
-    rows = [[f"{ph}", f"{med('time/' + ph):.2f}", f"{med('time/' + ph) / step_s:.0%}"] for ph in PHASES]
-    rows.append(["step (total)", f"{step_s:.2f}", "100%"])
-    gen = med("tokens/s_generate")
-    train = med("tokens/s_train")
-    seq_tokens = statistics.median(s["tokens/s_train"] * s["time/train"] / 2 for s in steady)  # per PPO epoch
-    infer = seq_tokens / med("time/inference")
     m = C.machine()
-    text = "\n".join([
-        "# PPO: our time split (TRL 1.16 has no PPOTrainer to compare with)", "",
-        f"`.venv/bin/python benchmarks/bench_ppo.py --steps {a.steps} --reps {a.reps}` "
-        f"({time.perf_counter() - started:.0f} s in all). trl {trl.__version__}: "
-        f"`hasattr(trl, 'PPOTrainer')` = {hasattr(trl, 'PPOTrainer')}.", "",
-        f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
-        "Four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each, builtin:tiny-30m "
-        f"({params:,} params; the value and reward models are its scalar-head copy), 32 prompts/step, <= 32 new "
-        f"tokens, 2 PPO epochs x 2 minibatches, micro-batch 16, fp32, ZeRO-0; {a.steps} steps x {a.reps} runs, "
-        "medians over steps 2..N of every run.", "",
-        C.table(["phase", "s / step (median)", "share"], rows), "",
-        C.table(["throughput", "value", "MFU"], [
-            ["generation, new tokens/s (policy actor, 1 thread, KV cache)", f"{gen:.0f}",
-             f"{2 * params * gen / peak1:.1%} of 1 thread"],
-            ["inference, sequence tokens/s (4 models forward, in parallel)", f"{infer:.0f}",
-             f"{4 * 2 * params * infer / peak:.1%}"],
-            ["train, sequence tokens/s x epochs (policy + value, in parallel)", f"{train:.0f}",
-             f"{2 * 6 * params * train / peak:.1%}"]]), "",
-        f"- End-to-end wall per run: {C.spread([r['wall_s'] for r in runs])} s; peak PSS of the process tree "
-        f"(driver, 4 actors, Ray daemons): {C.spread([r['peak_rss']['tree'] / C.MIB for r in runs])} MiB; "
-        f"driver + actors: {C.spread([r['peak_rss']['driver+actors'] / C.MIB for r in runs])} MiB.",
+    text = ["# PPO: ours (rlhf.ppo) per-step split, and TRL's GRPOTrainer at the same rollout size", "",
+            f"`.venv/bin/python benchmarks/bench_ppo.py --steps {a.steps} --reps {a.reps} --variants {a.variants}` "
+            f"({time.perf_counter() - started:.0f} s in all). trl {trl.__version__}: "
+            f"`hasattr(trl, 'PPOTrainer')` = {hasattr(trl, 'PPOTrainer')}; the peer is GRPOTrainer (see the "
+            "script's docstring for the matched settings).", "",
+            f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
+            f"builtin:tiny-30m ({params:,} params; reward and value models are its scalar-head copy), "
+            f"{ROLLOUT} completions per rollout of <= {NEW_TOKENS} new tokens, {EPOCHS} epochs x {MINIBATCHES} "
+            f"minibatches of {MICRO}, KL weight {KL}, fp32; {a.steps} rollouts x {a.reps} runs, medians over "
+            "rollouts 2..N of every run.", ""]
+    if "ours" in res:
+        steady = [s for r in res["ours"] for s in r["steps"][1:]]  # step 1 is warm-up
+
+        def med(key):
+            return statistics.median(s[key] for s in steady)
+
+        step_s = med("time/step")
+        rows = [[f"{ph}", f"{med('time/' + ph):.2f}", f"{med('time/' + ph) / step_s:.0%}"] for ph in PHASES]
+        rows.append(["step (total)", f"{step_s:.2f}", "100%"])
+        gen, train = med("tokens/s_generate"), med("tokens/s_train")
+        seq_tokens = statistics.median(s["tokens/s_train"] * s["time/train"] / EPOCHS for s in steady)
+        infer = seq_tokens / med("time/inference")
+        text += ["Ours: four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each, "
+                 "ZeRO-0, micro-batch 16.", "",
+                 C.table(["phase", "s / step (median)", "share"], rows), "",
+                 C.table(["throughput", "value", "MFU"], [
+                     ["generation, new tokens/s (policy actor, 1 thread, KV cache)", f"{gen:.0f}",
+                      f"{2 * params * gen / peak1:.1%} of 1 thread"],
+                     ["inference, sequence tokens/s (4 models forward, in parallel)", f"{infer:.0f}",
+                      f"{4 * 2 * params * infer / peak:.1%}"],
+                     ["train, sequence tokens/s x epochs (policy + value, in parallel)", f"{train:.0f}",
+                      f"{2 * 6 * params * train / peak:.1%}"]]), ""]
+    cols = {}
+    for v in variants:
+        if v == "ours":
+            per = [s["time/step"] for r in res[v] for s in r["steps"][1:]]
+            length = [s["response/length"] for r in res[v] for s in r["steps"][1:]]
+        else:
+            per = [t for r in res[v] for t in r["rollout_s"][1:]]
+            length = [x for r in res[v] for x in r["mean_length"][1:]]
+        cols[v] = {"per": per, "length": length, "wall": [r["wall_s"] for r in res[v]],
+                   "tree": [r["peak_rss"]["tree"] / C.MIB for r in res[v]],
+                   "train": [r["peak_rss"]["train_rss"] / C.MIB for r in res[v]]}
+    label = {"ours": "ours (PPO: policy + value)", "trl": "TRL GRPOTrainer (policy only)"}
+    base = statistics.median(cols["trl"]["per"]) if "trl" in cols else None
+    text += [C.table(["", *(label[v] for v in variants)], [
+        ["s per rollout (median (min-max))", *(C.spread(cols[v]["per"], "{:.2f}") for v in variants)],
+        ["mean response length, tokens", *(C.spread(cols[v]["length"], "{:.1f}") for v in variants)],
+        ["s per rollout / TRL's", *(f"{statistics.median(cols[v]['per']) / base:.2f}" if base else "-"
+                                    for v in variants)],
+        ["end-to-end wall s", *(C.spread(cols[v]["wall"]) for v in variants)],
+        ["peak RSS MiB, largest training process", *(C.spread(cols[v]["train"]) for v in variants)],
+        ["peak PSS MiB, whole process tree", *(C.spread(cols[v]["tree"]) for v in variants)]]), "",
         f"- Peak matmul: {peak1 / 1e9:.1f} GFLOP/s on 1 thread, {peak / 1e9:.1f} on {os.cpu_count()} (fp32, best of "
         f"5, before and after). MFU = 2 x params per generated token; 2 x params x 4 models per inference "
-        f"token; 6 x params x 2 models per trained token. Load before {load_before}, after {C.load_line()}."])
+        f"token; 6 x params x 2 models per trained token. Load before {load_before}, after {C.load_line()}."]
+    text = "\n".join(text)
     print(text)
     print("wrote", C.write_result("ppo", text))
 

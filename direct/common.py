@@ -63,7 +63,7 @@ def cached_reference(cfg: DirectConfig, tokenizer, splits: Dict[str, Any], colla
         {k: v for k, v in splits.items() if v is not None}, ref_id=ref_id,
         build_model=reference_builder(cfg, tokenizer), collate=collate, parts=parts,
         token_columns=token_columns, micro_batch_size=cfg.deepspeed.micro_batch_size,
-        cache_dir=cfg.reference_cache)
+        cache_dir=cfg.reference_cache, padding_free=cfg.model.padding_free)
 
 
 def with_index(ds):

@@ -182,7 +182,8 @@ class KTOWorker:
         from direct.ref_cache import lookup
 
         with torch.no_grad():
-            lp = sequence_logprobs(self.engine, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_loss_mask"])
+            lp = sequence_logprobs(self.engine, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_loss_mask"],
+                                   padding_free=self.cfg.model.padding_free)
         device = lp.sum.device
         keep = batch["valid"].bool() if "valid" in batch else torch.ones_like(lp.sum, dtype=torch.bool)
         n = float(keep.sum())
@@ -202,7 +203,8 @@ class KTOWorker:
         from direct.losses import kto_loss
         from direct.ref_cache import lookup
 
-        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                               padding_free=self.cfg.model.padding_free)
         loss = self.cfg.loss
         losses, rewards = kto_loss(lp.sum, lookup(ref, batch["index"], "completion", "sum"), batch["label"], z0,
                                    beta=loss.beta, desirable_weight=loss.desirable_weight,

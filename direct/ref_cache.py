@@ -109,7 +109,8 @@ def cache_key(digest: str, ref_id: str, parts: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def compute_logps(model, dataset, collate: Callable, parts: Sequence[str], micro_batch_size: int) -> Columns:
+def compute_logps(model, dataset, collate: Callable, parts: Sequence[str], micro_batch_size: int,
+                  padding_free: bool = False) -> Columns:
     """Log-probs of every row of `dataset` under `model` (an engine or a plain module).
 
     `collate(examples)` must return a batch of len(parts) blocks of B rows and an `index` (B,)
@@ -122,7 +123,8 @@ def compute_logps(model, dataset, collate: Callable, parts: Sequence[str], micro
     index, values = [], {f"{p}/{s}": [] for p in parts for s in STATS}
     for batch in eval_batches(dataset, micro_batch_size, rank(), world_size(), collate):
         batch = to_device(batch)
-        lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                               padding_free=padding_free)
         keep = batch["valid"].bool().cpu()
         n = keep.numel()
         for j, part in enumerate(parts):
@@ -179,6 +181,7 @@ def load_or_compute(
     token_columns: Sequence[str],
     micro_batch_size: int,
     cache_dir: Optional[str] = None,
+    padding_free: bool = False,
 ) -> Tuple[Dict[str, Columns], Dict[str, dict]]:
     """Reference log-prob columns for each named dataset (e.g. "train", "eval"), from the cache
     or computed. The reference model is built by `build_model()` only when some split misses,
@@ -203,7 +206,7 @@ def load_or_compute(
                 if model is None:
                     model = build_model()
                 started = time.perf_counter()
-                columns = compute_logps(model, ds, collate, parts, micro_batch_size)
+                columns = compute_logps(model, ds, collate, parts, micro_batch_size, padding_free)
                 if rank() == 0:
                     _save(path, columns, {"reference": ref_id, "rows": str(len(ds)), "version": VERSION})
                 log.info("reference log-probs of %d %s rows computed in %.1f s -> %s", len(ds), name,

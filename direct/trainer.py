@@ -192,7 +192,8 @@ class DPOWorker:
         from direct.ref_cache import lookup
 
         n = batch["weight"].shape[0]
-        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                               padding_free=self.cfg.model.padding_free)
         stat = "mean" if self.spec.length_normalized else "sum"
         logps = lp.mean if self.spec.length_normalized else lp.sum
         inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:]}

@@ -157,7 +157,8 @@ class RMWorker:
         from align.models.builders import sequence_scores
         from reward_model.loss import bradley_terry_loss
 
-        scores = sequence_scores(self.engine, b["input_ids"], b["attention_mask"])
+        scores = sequence_scores(self.engine, b["input_ids"], b["attention_mask"],
+                                 padding_free=self.cfg.model.padding_free)
         rc, rr = scores[b["chosen_index"]], scores[b["rejected_index"]]
         # Eval batches are evened out with repeated rows (valid = 0): they weigh nothing.
         pair_valid = torch.ones_like(b["weight"]) if valid is None else valid[b["pair_example"]]

@@ -92,14 +92,14 @@ class TokenScalars(torch.nn.Module):
     engine's forward, which ZeRO needs for its backward bookkeeping.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, padding_free: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.padding_free = model, padding_free
 
     def forward(self, input_ids, attention_mask):
         from align.models.builders import token_scalars
 
-        return token_scalars(self.model, input_ids, attention_mask)
+        return token_scalars(self.model, input_ids, attention_mask, padding_free=self.padding_free)
 
 
 def _sum_stats(total: Dict[str, float], stats: Dict[str, torch.Tensor], weight: float) -> None:
@@ -212,7 +212,7 @@ class PolicyRole:
             batch, plens = collate_rows(part, self.tokenizer.pad_token_id)
             mask = response_mask(part, plens.device)
             lp = sequence_logprobs(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                   temperature=cfg.sampling.temperature)
+                                   temperature=cfg.sampling.temperature, padding_free=cfg.model.padding_free)
             new = response_view(lp.token_logps, plens, mask.shape[1])
             old = pad_right([r["old_logprobs"] for r in part], mask.shape[1], mask.device)
             adv = pad_right([r["advantages"] for r in part], mask.shape[1], mask.device)
@@ -248,7 +248,7 @@ class ValueRole:
         self.gas = _grad_accum(cfg, de.world_size())
         path = cfg.value_model or cfg.reward_model
         model = TokenScalars(build_scalar_model(replace(cfg.model, name_or_path=path, tokenizer=None),
-                                                self.tokenizer, seed=cfg.seed))
+                                                self.tokenizer, seed=cfg.seed), cfg.model.padding_free)
         optim = replace(cfg.optim, lr=cfg.value_lr if cfg.value_lr is not None else cfg.optim.lr)
         ds = role_deepspeed(cfg, cfg.value, trained=True, grad_accum_steps=self.gas)
         self.engine = de.init_train_engine(model, ds, optim, _optimizer_steps(cfg))
@@ -318,7 +318,7 @@ def _logprobs(engine, rows: Sequence[Row], pad_id: int, cfg, entropy: bool = Fal
         batch, plens = collate_rows(part, pad_id)
         width = max(len(r["response"]) for r in part)
         lp = sequence_logprobs(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                               temperature=temperature, keep_logits=entropy)
+                               temperature=temperature, keep_logits=entropy, padding_free=cfg.model.padding_free)
         token_logps = response_view(lp.token_logps, plens, width)
         if entropy:
             ent = response_view(entropy_from_logits(lp.logits.float() / temperature), plens, width, -1)
@@ -368,7 +368,7 @@ class RewardRole:
         if cfg.normalize_reward:
             self.mean = float(getattr(model.config, "reward_mean", 0.0) or 0.0)
             self.std = float(getattr(model.config, "reward_std", 1.0) or 1.0)
-        self.engine = de.init_eval_engine(TokenScalars(model), role_deepspeed(cfg, cfg.reward, trained=False),
+        self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free), role_deepspeed(cfg, cfg.reward, trained=False),
                                           cfg.optim)
 
     def normalisation(self) -> Dict[str, float]:

@@ -90,7 +90,7 @@ class SFTWorker:
         total_nll = 0.0
         for b in batches:
             lp = sequence_logprobs(engine, b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                   position_ids=b.get("position_ids"))
+                                   position_ids=b.get("position_ids"), padding_free=self.cfg.model.padding_free)
             nll = -lp.sum.sum()
             # DeepSpeed divides by grad-accumulation steps and averages over ranks; undo both.
             engine.backward(nll * scale)
@@ -115,7 +115,8 @@ class SFTWorker:
                               self.collate):
             b = de.to_device(b)
             mask = b["loss_mask"] * b["valid"][:, None].long()
-            lp = sequence_logprobs(engine, b["input_ids"], b["attention_mask"], mask)
+            lp = sequence_logprobs(engine, b["input_ids"], b["attention_mask"], mask,
+                                   padding_free=self.cfg.model.padding_free)
             nll += -lp.sum.sum().float()
             tokens += mask[:, 1:].sum()
         engine.train()
