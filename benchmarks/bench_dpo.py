@@ -1,13 +1,16 @@
 """DPO side by side: ours (direct.trainer.run: 1 Ray actor, DeepSpeed ZeRO-0, fp32) against TRL's
 DPOTrainer (use_cpu=True, loss_type=["sigmoid"], fp32): same weights, rows, batches, hyperparameters.
 
-    .venv/bin/python benchmarks/bench_dpo.py        # ours, ours-nice0, trl x 3 reps: 6-15 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_dpo.py     # ours, ours-padded, trl, trl-ref x 3 reps: ~9 min on 2 cores
     .venv/bin/python benchmarks/bench_dpo.py --variants ours,trl,trl-ref --out dpo_trl_ref
 
 Rows: `steps x micro_batch` pairs of builtin:preferences (one epoch), micro-batch 8 pairs = 16
 sequences in one concatenated forward, beta 0.1. Our config is built in code (`our_config`);
 cpus_per_actor = all cores, so our actor and TRL run torch with the same thread count.
-"ours-nice0" is ours with RAY_worker_niceness=0 (harness.NICE0): Ray runs actors at niceness 15.
+Ours forwards each micro-batch padding-free, each pair's prompt once (chosen and rejected both
+continue it: align.models.padding_free.pack_pairs); "ours-padded" runs ours with
+model.padding_free=false (padded batches, like TRL), "ours-nice15" with the actor at Ray's
+default niceness 15 (harness.OUR_LABELS).
 
 The reference model. Ours always precomputes reference log-probs once before training
 (direct.ref_cache, here into a fresh cache directory each run) and holds no reference model while
@@ -74,7 +77,7 @@ STAGE = H.Stage(
     labels={**H.OUR_LABELS, "trl": "TRL, precomputed ref",
             "trl-ref": "TRL, ref forward each step"},
     no_grad_forwards={"trl-ref": 1},
-    env=H.OUR_ENV,
+    env=H.OUR_ENV, shares_prompts=True,
     settings=f"DPO (sigmoid), beta {BETA}, micro-batch counted in pairs (2 sequences each); reference log-probs "
              "precomputed by ours and by 'TRL, precomputed ref'.")
 

@@ -1,7 +1,7 @@
 """KTO side by side: ours (direct.kto.run: 1 Ray actor, DeepSpeed ZeRO-0, fp32) against TRL's
 KTOTrainer (use_cpu=True, loss_type "kto", fp32): same weights, rows, batches, hyperparameters.
 
-    .venv/bin/python benchmarks/bench_kto.py        # ours, ours-nice0, trl x 3 reps: 6-15 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_kto.py        # ours, ours-padded, trl x 3 reps: about 6-8 min on 2 cores
 
 Rows: `steps x micro_batch` {prompt, completion, label} rows of builtin:binary (one epoch),
 micro-batch 16, beta 0.1, desirable/undesirable weights 1. Both precompute reference log-probs
@@ -12,8 +12,9 @@ The losses agree at step 1 only (0.5: policy = reference, z0 = 0). After it they
 TRL pairs row i with the completion of the previous row of its micro-batch, ours with a fixed
 seeded derangement over the whole dataset (direct/kto.py explains why), so z0 is estimated on
 different mismatched pairs. Tokens counted: the matched rows (the trained ones) only; MFU counts
-the KL forward as 2 x params per matched token. "ours-nice0": ours with the Ray actor at niceness 0
-(harness.NICE0). Writes benchmarks/results/kto.md.
+the KL forward as 2 x params per matched token. "ours-padded" runs ours with
+model.padding_free=false (padded batches, like TRL), "ours-nice15" with the actor at Ray's
+default niceness 15 (harness.OUR_LABELS). Writes benchmarks/results/kto.md.
 """
 
 from __future__ import annotations

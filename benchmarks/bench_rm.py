@@ -2,12 +2,14 @@
 against TRL's RewardTrainer (use_cpu=True, fp32): the same scalar-head model (builtin:tiny-30m
 with a one-output head, saved once), rows, batches and hyperparameters.
 
-    .venv/bin/python benchmarks/bench_rm.py         # ours, ours-nice0, trl x 3 reps: 6-15 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_rm.py         # ours, ours-padded, trl x 3 reps: about 6-8 min on 2 cores
 
 Rows: `steps x micro_batch` pairs of builtin:preferences (one epoch), micro-batch 8 pairs = 16
 sequences in one forward; Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), no margin, no
-centring, scores read at the last non-pad token in both. "ours-nice0": ours with the Ray actor at
-niceness 0 (harness.NICE0). Writes benchmarks/results/rm.md.
+centring, scores read at the last non-pad token in both. Ours forwards padding-free, each pair's
+prompt once; "ours-padded" runs ours with model.padding_free=false (padded batches, like TRL),
+"ours-nice15" with the actor at Ray's default niceness 15 (harness.OUR_LABELS).
+Writes benchmarks/results/rm.md.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ STAGE = H.Stage(
     name="rm", title="Reward model: ours (reward_model.train) vs TRL RewardTrainer", split="preferences",
     kind="pairwise", scalar=True, children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl},
     labels={**H.OUR_LABELS, "trl": "TRL"},
-    env=H.OUR_ENV,
+    env=H.OUR_ENV, shares_prompts=True,
     settings="Bradley-Terry reward model, micro-batch counted in pairs (2 sequences each).")
 
 if __name__ == "__main__":

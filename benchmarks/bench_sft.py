@@ -2,12 +2,13 @@
 SFTTrainer (use_cpu=True, prompt-completion rows, loss on completion tokens only, fp32): same
 weights, rows, batches and hyperparameters.
 
-    .venv/bin/python benchmarks/bench_sft.py        # ours, ours-nice0, trl x 3 reps: 6-15 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_sft.py        # ours, ours-padded, trl x 3 reps: about 6-8 min on 2 cores
 
-Rows: `steps x micro_batch` of builtin:sft (one epoch), micro-batch 16 sequences, no packing in
-either (both pad each micro-batch to its longest row). The loss is the mean NLL over the
-response tokens (EOS included) of the batch in both. "ours-nice0": ours with the Ray actor at
-niceness 0 (harness.NICE0). Writes benchmarks/results/sft.md.
+Rows: `steps x micro_batch` of builtin:sft (one epoch), micro-batch 16 sequences, no packing of
+rows in either (TRL pads each micro-batch to its longest row). The loss is the mean NLL over the
+response tokens (EOS included) of the batch in both. Ours forwards padding-free; "ours-padded"
+runs ours with model.padding_free=false (padded batches, like TRL), "ours-nice15" with the actor
+at Ray's default niceness 15 (harness.OUR_LABELS). Writes benchmarks/results/sft.md.
 """
 
 from __future__ import annotations

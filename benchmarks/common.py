@@ -10,11 +10,13 @@
 - Tokens: per step, the non-pad tokens of every sequence the policy forwards (prompt + response;
   chosen and rejected both), computed from the shared tokenization, the same numbers for both.
 - `run_child`: runs one repetition in a fresh process and samples the memory of its process tree
-  every 1 s with psutil (the tree rescanned every 3 s): PSS summed (ours: driver + Ray actor, and
-  with Ray's daemons and idle workers; TRL: its one process), and the RSS of the training process
-  (our actor; TRL's process).
+  every 2 s with psutil (the tree rescanned every 4 s): PSS summed (ours: driver + Ray actor, and
+  with Ray's daemons and idle workers; TRL: its one process), and the peak RSS (the kernel's
+  high-water mark, VmHWM) of the training process (our actor; TRL's process).
 - `peak_flops`: best of 5 timed torch.matmul (2048^3, fp32) with the training's thread count.
-  MFU = 6 x params x tokens/s (+2 x params x tokens/s per reference forward) / that peak.
+  MFU = 6 x params x tokens/s (+2 x params x tokens/s per reference forward) / that peak: the
+  model FLOPs the task needs (PaLM's definition). Executed-FLOP utilization counts the positions
+  each framework really forwards instead (pad positions included, shared prompts once).
 """
 
 from __future__ import annotations
@@ -94,6 +96,19 @@ def our_tokens(kind: str, path: str, model_dir: str) -> List[List[List[int]]]:
             for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
 
 
+def our_prompt_lengths(path: str, model_dir: str) -> List[int]:
+    """Prompt length of each pairwise row in our tokenization (what a shared-prompt forward saves)."""
+    from align.config import ModelConfig
+    from align.data.errors import DataReport
+    from align.data.sources import load_splits
+    from align.data.tokenize import tokenize_rows
+    from align.models.builders import build_tokenizer
+
+    tok = build_tokenizer(ModelConfig(name_or_path=model_dir))
+    train, _ = load_splits(data_config(path), "pairwise", SEED, DataReport())
+    return [len(p) for p in tokenize_rows(train, "pairwise", tok, data_config(path))["prompt_ids"]]
+
+
 def batch_order(rows: int, micro_batch: int, steps: int) -> List[List[int]]:
     """Row indices of each step's micro-batch, exactly as our BatchIterator (1 rank) yields them."""
     from align.data.batching import BatchIterator
@@ -111,14 +126,17 @@ def our_metrics(run_dir: str) -> dict:
             "step_s": [m["tokens"] / m["tokens_per_s"] for m in steps]}
 
 
-def step_tokens(seqs: List[List[List[int]]], order: List[List[int]]) -> Dict[str, List[int]]:
-    """Per step: non-pad tokens, and padded tokens (rows x widest row, right padding as both do)."""
-    real, padded = [], []
+def step_tokens(seqs: List[List[List[int]]], order: List[List[int]],
+                prompt_lengths: Optional[List[int]] = None) -> Dict[str, List[int]]:
+    """Per step: non-pad tokens; padded tokens (rows x widest row, right padding as TRL does);
+    and the positions a shared-prompt forward runs (each pair's prompt once), when given."""
+    real, padded, shared = [], [], []
     for idx in order:
         lens = [len(s) for i in idx for s in seqs[i]]
         real.append(sum(lens))
         padded.append(len(lens) * max(lens))
-    return {"real": real, "padded": padded}
+        shared.append(sum(lens) - sum(prompt_lengths[i] for i in idx) if prompt_lengths else sum(lens))
+    return {"real": real, "padded": padded, "shared": shared}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +151,7 @@ class TreeRSS:
     store and libraries are not counted once per process); `train_rss` is the RSS of the process
     that trains (TRL: the process itself; ours: the Ray actor)."""
 
-    def __init__(self, pid: int, interval: float = 1.0, rescan: float = 3.0):
+    def __init__(self, pid: int, interval: float = 2.0, rescan: float = 4.0):
         import psutil
 
         self.root, self.interval, self.rescan, self.peak = psutil.Process(pid), interval, rescan, {}
@@ -175,7 +193,8 @@ class TreeRSS:
                 continue
             parts[key] += mem.pss
             if key != "ray_other":
-                parts["train_rss"] = max(parts["train_rss"], mem.rss)
+                # The kernel's high-water mark: exact however rarely it is sampled.
+                parts["train_rss"] = max(parts["train_rss"], _peak_rss(pid) or mem.rss)
         parts["driver+actors"] = parts["driver"] + parts["actors"]
         parts["tree"] = parts["driver+actors"] + parts["ray_other"]
         return parts
@@ -192,6 +211,15 @@ class TreeRSS:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM of a process (bytes), 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def run_child(script: str, args: Sequence[str], result: str, extra_env: Optional[Dict[str, str]] = None) -> dict:

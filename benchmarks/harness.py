@@ -24,14 +24,11 @@ from typing import Callable, Dict
 from benchmarks import common as C
 
 LR = 1e-4
-# Ray starts worker processes, so our training actors, at niceness 15 (raylet's worker_niceness);
-# TRL's process runs at 0. On a machine shared with other jobs that alone decides who gets the
-# cores, so the benchmarks can also run ours with the actors at 0, as a separate variant.
-NICE0 = {"RAY_worker_niceness": "0"}
 # Our variants every bench_<stage>.py offers: the defaults; padded batches (model.padding_free
-# off: what the padding-free forward saves); the actors at niceness 0.
-OUR_LABELS = {"ours": "ours", "ours-padded": "ours, padded batches", "ours-nice0": "ours, actor at nice 0"}
-OUR_ENV = {"ours-nice0": NICE0}
+# off: what the padding-free, shared-prompt forward saves); the actors at Ray's own default
+# niceness 15 instead of our ray.worker_niceness=0 (what that setting is worth on a busy machine).
+OUR_LABELS = {"ours": "ours", "ours-padded": "ours, padded batches", "ours-nice15": "ours, actor at nice 15"}
+OUR_ENV = {"ours-nice15": {"RAY_worker_niceness": "15"}}
 
 
 def run_ours(a, run, cfg) -> dict:
@@ -54,6 +51,7 @@ class Stage:
     scalar: bool = False  # a reward model (scalar head) instead of a causal LM
     no_grad_forwards: Dict[str, int] = field(default_factory=dict)  # e.g. TRL's per-step reference forward
     ours_counts_all_tokens: bool = True  # our metrics' "tokens" is the shared definition
+    shares_prompts: bool = False  # our stage forwards each pair's prompt once (pairwise kinds)
     env: Dict[str, Dict[str, str]] = field(default_factory=dict)  # variant -> extra environment
 
 
@@ -119,12 +117,18 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
     tps = {v: [s["tokens_per_s"] for s in steady[v]] for v in variants}
     # The fastest steady step of all runs: on a shared machine the least disturbed by other jobs.
     w = C.WARMUP_STEPS
+
+    def positions_per_s(v):  # what each variant forwards: TRL and ours-padded pad, ours packs
+        kind = "padded" if v not in ("ours", "ours-nice15") else "shared" if st.shares_prompts else "real"
+        return [sum(tokens[kind][w:len(r["step_s"])]) / sum(r["step_s"][w:]) for r in res[v]]
+
     best = {v: max(n / t for r in res[v] for n, t in zip(tokens["real"][w:], r["step_s"][w:])) for v in variants}
     cols = [["", "tokens/s, steady (median (min-max))", "tokens/s of the fastest steady step (least load-bound)",
              "step s", "end-to-end wall s",
              "wall outside steps s (imports, start-up, ref pass, save, shutdown)",
              "peak RSS MiB of the training process (our actor; TRL's process)", "peak PSS MiB: driver + actors",
              "peak PSS MiB: whole tree (+ Ray daemons, idle workers)", "MFU (median tokens/s)",
+             "executed-FLOP utilization (positions really forwarded)",
              f"tokens/s / {st.labels[base]}'s (median; range over same-rep pairs)", "step-1 loss",
              "max abs loss diff vs ours"]]
     for v in variants:
@@ -138,6 +142,7 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
             C.spread([r["peak_rss"]["driver+actors"] / C.MIB for r in res[v]]),
             C.spread([r["peak_rss"]["tree"] / C.MIB for r in res[v]]),
             f"{C.mfu(params, statistics.median(tps[v]), peak, st.no_grad_forwards.get(v, 0)):.1%}",
+            f"{C.mfu(params, statistics.median(positions_per_s(v)), peak, st.no_grad_forwards.get(v, 0)):.1%}",
             f"{statistics.median(tps[v]) / statistics.median(tps[base]):.2f} ({min(pairs):.2f}-{max(pairs):.2f})",
             f"{loss[0]:.6f}",
             "-" if v == "ours" else f"{max(abs(x - y) for x, y in zip(loss, res['ours'][0]['loss'])):.1e}"])
@@ -165,7 +170,10 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
               + ", ".join(f"{st.labels[v]} {repro[v]:.1e}" for v in variants) + ".",
               f"- Padding: TRL pads each micro-batch to its longest row, so {pad:.0%} of the token positions it "
               f"forwards are pad; ours forwards the real tokens only (model.padding_free; 'ours, padded "
-              f"batches' pads like TRL). Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
+              f"batches' pads like TRL)"
+              + (f", and each pair's prompt once: {1 - sum(tokens['shared']) / sum(tokens['real']):.0%} fewer "
+                 "positions than the real tokens" if st.shares_prompts else "")
+              + f". Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
               f"threads, best of 5 timed before and after the runs); 1-minute load before {load_before}, "
               f"after {C.load_line()}."]
     return "\n".join(lines)
@@ -192,7 +200,8 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     paths = C.prepare(st.split, rows, scalar=st.scalar)
     seqs = C.our_tokens(st.kind, paths["data"], paths["model"])
     order = C.batch_order(rows, a.micro_batch, a.steps)
-    tokens = C.step_tokens(seqs, order)
+    prompts = C.our_prompt_lengths(paths["data"], paths["model"]) if st.shares_prompts else None
+    tokens = C.step_tokens(seqs, order, prompts)
     C.prebuild_deepspeed_ops()
     peak = C.peak_flops()
     variants = a.variants.split(",")
@@ -229,7 +238,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
         f"{st.settings} builtin:tiny-30m saved once, fp32, {a.steps} steps, micro-batch {a.micro_batch}, "
         f"max_length {C.MAX_LENGTH}, AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
         f"in both; {a.reps} repetitions, alternating order; steady state = steps {C.WARMUP_STEPS + 1}..{a.steps}. Memory: psutil, the "
-        "run's process tree sampled every 1 s (the sampler costs ~2% of one core); PSS splits shared pages (Ray's "
+        "run's process tree sampled every 2 s, peak RSS from the kernel's high-water mark; PSS splits shared pages (Ray's "
         "object store, libraries) between the processes mapping them, so the sums are not inflated.", "",
         report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)])
     print(text)

@@ -187,13 +187,14 @@ class DPOWorker:
 
     def pair_losses(self, batch: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]):
         """Per-pair losses (B,) with grad, and per-pair statistics for the metrics."""
-        from align.models.logprobs import sequence_logprobs
+        from align.models.logprobs import pair_logprobs
         from direct.losses import pairwise_loss
         from direct.ref_cache import lookup
 
         n = batch["weight"].shape[0]
-        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                               padding_free=self.cfg.model.padding_free)
+        # Each pair's prompt is forwarded once (padding-free forwards with the varlen attention).
+        lp = pair_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                           batch["prompt_lengths"], padding_free=self.cfg.model.padding_free)
         stat = "mean" if self.spec.length_normalized else "sum"
         logps = lp.mean if self.spec.length_normalized else lp.sum
         inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:]}

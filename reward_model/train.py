@@ -154,11 +154,15 @@ class RMWorker:
 
     def _forward(self, b: Dict[str, torch.Tensor], valid: Optional[torch.Tensor] = None):
         """Scores of every sequence of the micro-batch in one forward, and each pair's loss."""
-        from align.models.builders import sequence_scores
+        from align.models.builders import pair_scores, sequence_scores
         from reward_model.loss import bradley_terry_loss
 
-        scores = sequence_scores(self.engine, b["input_ids"], b["attention_mask"],
-                                 padding_free=self.cfg.model.padding_free)
+        pf = self.cfg.model.padding_free
+        if "prompt_lengths" in b:  # pairs: each prompt forwarded once
+            scores = pair_scores(self.engine, b["input_ids"], b["attention_mask"], b["loss_mask"],
+                                 b["prompt_lengths"], padding_free=pf)
+        else:
+            scores = sequence_scores(self.engine, b["input_ids"], b["attention_mask"], padding_free=pf)
         rc, rr = scores[b["chosen_index"]], scores[b["rejected_index"]]
         # Eval batches are evened out with repeated rows (valid = 0): they weigh nothing.
         pair_valid = torch.ones_like(b["weight"]) if valid is None else valid[b["pair_example"]]

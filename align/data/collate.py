@@ -63,10 +63,12 @@ def collate_sft(examples: List[dict], pad_id: int, pad_to_multiple_of: Optional[
 
 def collate_pairwise(examples: List[dict], pad_id: int, pad_to_multiple_of: Optional[int] = None) -> Batch:
     """One batch for a single forward: input_ids/attention_mask/loss_mask (2B, T), rows 0..B-1
-    prompt+chosen and rows B..2B-1 prompt+rejected of the same examples; margin, weight (B,)."""
+    prompt+chosen and rows B..2B-1 prompt+rejected of the same examples; prompt_lengths, margin,
+    weight (B,)."""
     prompts = [e["prompt_ids"] for e in examples] * 2
     responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     batch = _sequences(prompts, responses, pad_id, pad_to_multiple_of)
+    batch["prompt_lengths"] = torch.tensor([len(e["prompt_ids"]) for e in examples], dtype=torch.long)
     batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples], dtype=torch.float32)
     batch["weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples], dtype=torch.float32)
     return batch

@@ -52,6 +52,7 @@ def start_ray(cfg: RayConfig) -> None:
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return
+    os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))  # read when the raylet starts
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,

@@ -123,17 +123,24 @@ def scalar_head(model) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__}: no scalar head found (expected .score or .classifier)")
 
 
+def _packed_hidden(model, input_ids, attention_mask, position_ids=None):
+    """(Packed, (N, H) last hidden states) of the backbone on the batch packed into one row."""
+    from align.models.padding_free import pack
+
+    packed = pack(input_ids, attention_mask, position_ids)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                      **packed.attention_kwargs()).last_hidden_state
+    return packed, hidden[0]
+
+
 def token_scalars(model, input_ids, attention_mask, position_ids=None, padding_free: bool = False) -> torch.Tensor:
     """Per-token scalar outputs (B, T) of a scalar model: the value head at every position
     (0 at pad positions when `padding_free`, which forwards the real tokens as one packed row)."""
-    backbone = getattr(model, model.base_model_prefix)
     if padding_free:
-        from align.models.padding_free import pack
-
-        packed = pack(input_ids, attention_mask, position_ids)
-        hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                          **packed.attention_kwargs()).last_hidden_state
-        return packed.unpack(scalar_head(model)(hidden[0]).squeeze(-1).float())
+        packed, hidden = _packed_hidden(model, input_ids, attention_mask, position_ids)
+        return packed.unpack(scalar_head(model)(hidden).squeeze(-1).float())
+    backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return scalar_head(model)(hidden).squeeze(-1).float()
 
@@ -152,15 +159,31 @@ def sequence_scores(model, input_ids, attention_mask, padding_free: bool = False
     `padding_free`: one packed forward of the real tokens; the head runs on the B last tokens only.
     """
     if padding_free:
-        from align.models.padding_free import pack
-
-        packed = pack(input_ids, attention_mask)
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                          **packed.attention_kwargs()).last_hidden_state
-        return scalar_head(model)(hidden[0, packed.cu_seqlens[1:].long() - 1]).squeeze(-1).float()
+        packed, hidden = _packed_hidden(model, input_ids, attention_mask)
+        return scalar_head(model)(hidden[packed.cu_seqlens[1:].long() - 1]).squeeze(-1).float()
     values = token_scalars(model, input_ids, attention_mask)
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def pair_scores(model, input_ids, attention_mask, loss_mask, prompt_lengths, padding_free: bool = True):
+    """`sequence_scores` of a pairwise batch (rows 0..B-1 prompt+chosen, B..2B-1 the same
+    prompts+rejected; (2B, T)), forwarding each prompt once when the model runs the varlen
+    attention (align.models.padding_free.pack_pairs). (2B,) scores, chosen first."""
+    from align.models.padding_free import pack_pairs, supports_shared_prompts
+
+    B = prompt_lengths.shape[0]
+    rejected = attention_mask[B:].sum(1) - prompt_lengths.to(attention_mask.device)
+    if not (padding_free and supports_shared_prompts(model)) or bool((rejected < 1).any()):
+        return sequence_scores(model, input_ids, attention_mask, padding_free=padding_free)
+    pairs = pack_pairs(input_ids, attention_mask, loss_mask, prompt_lengths)
+    packed = pairs.packed
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                      **pairs.attention_kwargs()).last_hidden_state[0]
+    starts = packed.cu_seqlens[:-1].long()
+    chosen_last = starts + attention_mask[:B].sum(1) - 1
+    rejected_last = packed.cu_seqlens[1:].long() - 1
+    return scalar_head(model)(hidden[torch.cat([chosen_last, rejected_last])]).squeeze(-1).float()
 
 
 def count_parameters(model) -> int:

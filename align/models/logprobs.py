@@ -65,6 +65,34 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return result._replace(logits=out.logits) if keep_logits else result
 
 
+def pair_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                  prompt_lengths: torch.Tensor, temperature: float = 1.0, padding_free: bool = True) -> LogProbs:
+    """`sequence_logprobs` of a pairwise batch (rows 0..B-1 prompt+chosen, B..2B-1 the same
+    prompts+rejected; (2B, T), prompt_lengths (B,)), forwarding each prompt ONCE when the model
+    runs the varlen attention (align.models.padding_free.pack_pairs); the same values otherwise
+    computed from the two full sequences. Falls back to `sequence_logprobs` elsewhere."""
+    from align.models.padding_free import pack_pairs, supports_shared_prompts
+
+    B = prompt_lengths.shape[0]
+    rejected = attention_mask[B:].sum(1) - prompt_lengths.to(attention_mask.device)
+    if not (padding_free and supports_shared_prompts(model)) or bool((rejected < 1).any()):
+        return sequence_logprobs(model, input_ids, attention_mask, loss_mask, temperature=temperature,
+                                 padding_free=padding_free)
+    pairs = pack_pairs(input_ids, attention_mask, loss_mask, prompt_lengths)
+    packed = pairs.packed
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                **pairs.attention_kwargs())
+    logits = out.logits[0, pairs.predictor].float()  # (N, V): row j predicts token j
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = packed.input_ids[0]
+    mask = pairs.loss_mask.to(logits.dtype)
+    mask[packed.cu_seqlens[:-1].long()] = 0  # sequence starts are never predicted
+    token_logps = (logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)) * mask
+    batch = token_logps.new_zeros(loss_mask.numel()).index_copy(0, packed.flat_index, token_logps)
+    return reduce_logprobs(batch.view_as(loss_mask), loss_mask)
+
+
 def _packed_logprobs(model, input_ids, attention_mask, loss_mask, position_ids, temperature, keep_logits) -> LogProbs:
     """sequence_logprobs on one packed row: the per-token work runs on real tokens only and the
     per-token log-probs are scattered back to (B, T)."""

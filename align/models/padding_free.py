@@ -75,6 +75,55 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   torch.nonzero(keep.flatten()).flatten(), cu, int((cu[1:] - cu[:-1]).max()), rows[starts])
 
 
+class PackedPairs(NamedTuple):
+    """A pairwise batch packed with its shared prompts forwarded once: pair i is ONE sequence
+    [prompt, chosen, rejected], rejected continuing from the prompt's positions."""
+
+    packed: Packed  # the (1, N) row; flat_index points into the flattened (2B * T,) batch
+    loss_mask: torch.Tensor  # (N,) the batch's loss mask at each packed token
+    predictor: torch.Tensor  # (N,) packed index of the logits that predict each token
+    segment_mask: torch.Tensor  # (S, L_max, L_max) bool: key k visible to query q within pair s
+
+    def attention_kwargs(self) -> Dict[str, Any]:
+        return dict(self.packed.attention_kwargs(), segment_mask=self.segment_mask)
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+               prompt_lengths: torch.Tensor) -> PackedPairs:
+    """Packs a pairwise batch (rows 0..B-1 prompt+chosen, B..2B-1 the same prompts+rejected,
+    right-padded; shapes (2B, T), prompt_lengths (B,)) so each prompt is forwarded once.
+
+    Prefix sharing, as in Wang et al. 2024, "Accelerating Direct Preference Optimization with
+    Prefix Sharing" (arXiv 2410.20305): the rejected tokens take the positions they have in
+    their own sequence and attend to the prompt and to themselves, never to the chosen tokens,
+    and the first rejected token is predicted from the prompt's last position. Every
+    log-prob therefore equals the one of the separate sequences.
+    """
+    rows, T = input_ids.shape
+    B = rows // 2
+    pos = torch.arange(T, device=input_ids.device)
+    plen = prompt_lengths.to(input_ids.device)[:, None]
+    keep = torch.cat([attention_mask[:B].bool(), attention_mask[B:].bool() & (pos >= plen)], dim=1)  # (B, 2T)
+    flat = torch.cat([torch.arange(B, device=pos.device)[:, None] * T + pos,
+                      (torch.arange(B, device=pos.device)[:, None] + B) * T + pos], dim=1)
+    both = lambda x: torch.cat([x[:B], x[B:]], dim=1)[keep]  # noqa: E731  (B, 2T) -> (N,) in pair order
+    ids, positions, mask = both(input_ids), pos.repeat(2)[None].expand(B, -1)[keep], both(loss_mask)
+    lengths = keep.sum(1)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    starts, chosen_end = cu[:-1].long(), cu[:-1].long() + attention_mask[:B].sum(1)
+    n = ids.numel()
+    predictor = torch.arange(n, device=ids.device) - 1
+    predictor[starts] = starts  # a sequence start is never scored
+    predictor[chosen_end] = starts + plen[:, 0] - 1  # the first rejected token follows the prompt
+    L = int(lengths.max())
+    q, k = torch.arange(L, device=ids.device)[:, None], torch.arange(L, device=ids.device)[None, :]
+    c_end = (chosen_end - starts)[:, None, None]
+    # causal, and a rejected query (at or after the chosen end) skips the chosen keys
+    segment_mask = (k <= q) & ~((q >= c_end) & (k >= plen[:, :, None]) & (k < c_end))
+    packed = Packed(ids[None], positions[None], keep, flat[keep], cu, L, torch.arange(B, device=ids.device))
+    return PackedPairs(packed, mask, predictor, segment_mask)
+
+
 def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(N,) -> (S,) sums over each sequence of a packed row."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -94,8 +143,9 @@ def _padded_positions(cu_seqlens: torch.Tensor, max_length: int) -> torch.Tensor
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                      cu_seq_lens_q: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None,
-                     **kwargs: Any):
+                     segment_mask: Optional[torch.Tensor] = None, **kwargs: Any):
     """Causal attention within each packed sequence; plain sdpa when the call is not packed.
+    `segment_mask` (S, L_max, L_max), when given, replaces the causal mask (shared prompts).
 
     Shapes: query (1, H, N, D), key and value (1, H_kv, N, D). Returns ((1, N, H, D), None),
     the convention of transformers' attention functions.
@@ -122,9 +172,21 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
     # Sequences are left-aligned in the grid, so the causal mask alone keeps every real query
     # off the zero slots after its sequence; the rows of those slots are dropped below.
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    if segment_mask is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                               scale=scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask[:, None],
+                                                               dropout_p=dropout, scale=scaling)
     out = out.transpose(1, 2).reshape(seqs * max_length_q, heads, dim).index_select(0, slots)
     return out.unsqueeze(0), None
+
+
+def supports_shared_prompts(model) -> bool:
+    """Whether `model` (or the engine around it) runs the varlen attention, the only one that
+    takes the shared-prompt mask."""
+    config = getattr(getattr(model, "module", model), "config", None)  # a DeepSpeed engine's `config` is its own
+    return getattr(config, "_attn_implementation", None) == ATTENTION
 
 
 def register() -> None:

@@ -37,6 +37,7 @@ def test_collate_pairwise_one_concatenated_batch():
     assert torch.equal(batch["loss_mask"], t([[0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0]]))
     assert torch.equal(batch["margin"], t([0.5, 0.0], torch.float32))
     assert torch.equal(batch["weight"], t([1.0, 0.25], torch.float32))
+    assert torch.equal(batch["prompt_lengths"], t([2, 1]))
 
 
 def test_collate_binary_with_mismatched_kl_rows():

@@ -209,3 +209,80 @@ def test_export_does_not_record_the_varlen_attention(lm, builtin_tokenizer, tmp_
 def test_padding_free_is_a_model_config_key():
     assert ModelConfig().padding_free is True
     assert dataclasses.replace(ModelConfig(), padding_free=False).padding_free is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared prompts: each pair forwarded as [prompt, chosen, rejected]
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_batch(prompt_lengths, chosen_lengths, rejected_lengths, seed=0):
+    """collate_pairwise's layout: rows 0..B-1 prompt+chosen, B..2B-1 the same prompt+rejected."""
+    from align.data.collate import collate_pairwise
+
+    g = torch.Generator().manual_seed(seed)
+    tok = lambda n: torch.randint(5, 500, (n,), generator=g).tolist()  # noqa: E731
+    rows = [{"prompt_ids": tok(p), "chosen_ids": tok(c), "rejected_ids": tok(r)}
+            for p, c, r in zip(prompt_lengths, chosen_lengths, rejected_lengths)]
+    return collate_pairwise(rows, PAD)
+
+
+def test_pack_pairs_by_hand():
+    from align.models.padding_free import pack_pairs
+
+    # One pair: prompt [5, 6], chosen [7, 8, 9], rejected [10]; T = 5.
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 10, PAD, PAD]])
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    loss = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]])
+    p = pack_pairs(ids, attn, loss, torch.tensor([2]))
+    assert p.packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert p.packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2]]  # rejected continues the prompt
+    assert p.predictor.tolist() == [0, 0, 1, 2, 3, 1]  # token 10 is predicted from the prompt's end
+    assert p.loss_mask.tolist() == [0, 0, 1, 1, 1, 1]
+    assert p.packed.flat_index.tolist() == [0, 1, 2, 3, 4, 7]
+    visible = p.segment_mask[0].int().tolist()
+    assert visible[5] == [1, 1, 0, 0, 0, 1]  # rejected sees the prompt and itself, not chosen
+    assert visible[4] == [1, 1, 1, 1, 1, 0]  # chosen is plain causal
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_padded(lm):
+    from align.models.logprobs import pair_logprobs
+
+    batch = pair_batch([4, 7, 2], [5, 1, 6], [3, 4, 1])
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    plens = batch["prompt_lengths"]
+    assert plens.tolist() == [4, 7, 2]
+    padded, g_padded = grads_of(lm, lambda: sequence_logprobs(lm, *args))
+    shared, g_shared = grads_of(lm, lambda: pair_logprobs(lm, *args, plens))
+    torch.testing.assert_close(shared.token_logps, padded.token_logps, atol=1e-5, rtol=0)
+    assert shared.num_tokens.tolist() == [5.0, 1.0, 6.0, 3.0, 4.0, 1.0]
+    assert_grads_close(g_padded, g_shared)
+    with torch.no_grad():
+        warm = pair_logprobs(lm, *args, plens, temperature=0.7)
+        expected = sequence_logprobs(lm, *args, temperature=0.7)
+    torch.testing.assert_close(warm.sum, expected.sum, atol=1e-4, rtol=0)
+
+
+def test_shared_prompts_fall_back_without_the_varlen_attention(builtin_tokenizer):
+    from align.models.logprobs import pair_logprobs
+
+    model = build_causal_lm(ModelConfig(name_or_path="builtin:tiny-1m", padding_free=False), builtin_tokenizer, seed=0)
+    batch = pair_batch([3, 5], [4, 2], [2, 6], seed=1)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        got = pair_logprobs(model, *args, torch.tensor([3, 5]))  # plain sdpa: two sequences per pair
+        want = sequence_logprobs(model, *args)
+    torch.testing.assert_close(got.token_logps, want.token_logps, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_pair_scores_and_gradients_equal_padded(builtin_tokenizer):
+    from align.models.builders import pair_scores
+
+    scorer = build_scalar_model(ModelConfig(name_or_path="builtin:tiny-1m"), builtin_tokenizer, seed=0)
+    batch = pair_batch([5, 2, 8], [3, 7, 1], [6, 1, 2], seed=5)
+    args = (batch["input_ids"], batch["attention_mask"])
+    padded, g_padded = grads_of(scorer, lambda: sequence_scores(scorer, *args))
+    shared, g_shared = grads_of(scorer, lambda: pair_scores(scorer, *args, batch["loss_mask"],
+                                                            batch["prompt_lengths"]))
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=0)
+    assert_grads_close(g_padded, g_shared)
