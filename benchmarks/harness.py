@@ -24,6 +24,9 @@ from typing import Callable, Dict
 from benchmarks import common as C
 
 LR = 1e-4
+# Per-step losses of the same math in both frameworks must agree to this (absolute): fp32 sums in
+# another order differ by ~1e-7; a real difference (masking, normalisation) shows at 1e-3 and up.
+LOSS_TOL = 1e-5
 # Our variants every bench_<stage>.py offers: the defaults; padded batches (model.padding_free
 # off: what the padding-free, shared-prompt forward saves); the actors at Ray's own default
 # niceness 15 instead of our ray.worker_niceness=0 (what that setting is worth on a busy machine).
@@ -52,6 +55,7 @@ class Stage:
     no_grad_forwards: Dict[str, int] = field(default_factory=dict)  # e.g. TRL's per-step reference forward
     ours_counts_all_tokens: bool = True  # our metrics' "tokens" is the shared definition
     shares_prompts: bool = False  # our stage forwards each pair's prompt once (pairwise kinds)
+    loss_steps: int = 0  # steps whose losses must match across frameworks (0: all)
     env: Dict[str, Dict[str, str]] = field(default_factory=dict)  # variant -> extra environment
 
 
@@ -166,6 +170,10 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
                  for r in res[v])
         lines.append(f"- Our metrics' per-step token counts equal the shared count: {ok}.")
     pad = 1 - sum(tokens["real"]) / sum(tokens["padded"])
+    compared = st.loss_steps or a.steps
+    diffs = [abs(x - y) for v in variants for r in res[v] for x, y in zip(r["loss"][:compared], res["ours"][0]["loss"])]
+    lines.append(f"- Every variant's per-step losses (steps 1..{compared}) within {LOSS_TOL:g} of ours: "
+                 f"{max(diffs) <= LOSS_TOL} (max abs difference {max(diffs):.1e}).")
     lines += [f"- Loss spread across repetitions (max abs): "
               + ", ".join(f"{st.labels[v]} {repro[v]:.1e}" for v in variants) + ".",
               f"- Padding: TRL pads each micro-batch to its longest row, so {pad:.0%} of the token positions it "

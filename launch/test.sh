@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/env.sh"
 cd "$ROOT"
-exec python -m pytest -q tests "$@"
+exec python -m pytest -q --durations=15 tests "$@"
