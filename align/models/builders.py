@@ -169,11 +169,9 @@ def pair_scores(model, input_ids, attention_mask, loss_mask, prompt_lengths, pad
     """`sequence_scores` of a pairwise batch (rows 0..B-1 prompt+chosen, B..2B-1 the same
     prompts+rejected; (2B, T)), forwarding each prompt once when the model runs the varlen
     attention (align.models.padding_free.pack_pairs). (2B,) scores, chosen first."""
-    from align.models.padding_free import pack_pairs, supports_shared_prompts
+    from align.models.padding_free import can_share_prompts, pack_pairs
 
-    B = prompt_lengths.shape[0]
-    rejected = attention_mask[B:].sum(1) - prompt_lengths.to(attention_mask.device)
-    if not (padding_free and supports_shared_prompts(model)) or bool((rejected < 1).any()):
+    if not can_share_prompts(model, attention_mask, prompt_lengths, padding_free):
         return sequence_scores(model, input_ids, attention_mask, padding_free=padding_free)
     pairs = pack_pairs(input_ids, attention_mask, loss_mask, prompt_lengths)
     packed = pairs.packed
@@ -181,7 +179,7 @@ def pair_scores(model, input_ids, attention_mask, loss_mask, prompt_lengths, pad
     hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
                       **pairs.attention_kwargs()).last_hidden_state[0]
     starts = packed.cu_seqlens[:-1].long()
-    chosen_last = starts + attention_mask[:B].sum(1) - 1
+    chosen_last = starts + attention_mask[: prompt_lengths.shape[0]].sum(1) - 1
     rejected_last = packed.cu_seqlens[1:].long() - 1
     return scalar_head(model)(hidden[torch.cat([chosen_last, rejected_last])]).squeeze(-1).float()
 

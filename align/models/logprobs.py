@@ -71,11 +71,9 @@ def pair_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     prompts+rejected; (2B, T), prompt_lengths (B,)), forwarding each prompt ONCE when the model
     runs the varlen attention (align.models.padding_free.pack_pairs); the same values otherwise
     computed from the two full sequences. Falls back to `sequence_logprobs` elsewhere."""
-    from align.models.padding_free import pack_pairs, supports_shared_prompts
+    from align.models.padding_free import can_share_prompts, pack_pairs
 
-    B = prompt_lengths.shape[0]
-    rejected = attention_mask[B:].sum(1) - prompt_lengths.to(attention_mask.device)
-    if not (padding_free and supports_shared_prompts(model)) or bool((rejected < 1).any()):
+    if not can_share_prompts(model, attention_mask, prompt_lengths, padding_free):
         return sequence_logprobs(model, input_ids, attention_mask, loss_mask, temperature=temperature,
                                  padding_free=padding_free)
     pairs = pack_pairs(input_ids, attention_mask, loss_mask, prompt_lengths)

@@ -39,7 +39,6 @@ class Packed(NamedTuple):
     flat_index: torch.Tensor  # (N,) index of each packed token in the flattened (B*T,) batch
     cu_seqlens: torch.Tensor  # (S+1,) int32 sequence starts in the row, then N
     max_length: int  # longest sequence
-    seq_row: torch.Tensor  # (S,) the batch row each sequence came from
 
     def attention_kwargs(self) -> Dict[str, Any]:
         """The flash-attention varlen kwargs that carry the boundaries to the attention."""
@@ -70,9 +69,8 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if n == 0 or starts.numel() == 0 or int(starts[0]) != 0:
         raise ValueError("padding-free packing: every sequence must start at position id 0")
     cu = torch.cat([starts, starts.new_tensor([n])]).to(torch.int32)
-    rows = torch.nonzero(keep)[:, 0]
     return Packed(input_ids[keep].unsqueeze(0), positions.unsqueeze(0), keep,
-                  torch.nonzero(keep.flatten()).flatten(), cu, int((cu[1:] - cu[:-1]).max()), rows[starts])
+                  torch.nonzero(keep.flatten()).flatten(), cu, int((cu[1:] - cu[:-1]).max()))
 
 
 class PackedPairs(NamedTuple):
@@ -120,15 +118,8 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask:
     c_end = (chosen_end - starts)[:, None, None]
     # causal, and a rejected query (at or after the chosen end) skips the chosen keys
     segment_mask = (k <= q) & ~((q >= c_end) & (k >= plen[:, :, None]) & (k < c_end))
-    packed = Packed(ids[None], positions[None], keep, flat[keep], cu, L, torch.arange(B, device=ids.device))
+    packed = Packed(ids[None], positions[None], keep, flat[keep], cu, L)
     return PackedPairs(packed, mask, predictor, segment_mask)
-
-
-def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (S,) sums over each sequence of a packed row."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-    return values.new_zeros(lengths.numel()).index_add(0, owner, values)
 
 
 def _padded_positions(cu_seqlens: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -182,11 +173,16 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.unsqueeze(0), None
 
 
-def supports_shared_prompts(model) -> bool:
-    """Whether `model` (or the engine around it) runs the varlen attention, the only one that
-    takes the shared-prompt mask."""
+def can_share_prompts(model, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                      padding_free: bool) -> bool:
+    """Whether `pack_pairs` applies: padding-free forwards, a model (or the engine around it)
+    running the varlen attention (the only one that takes the shared-prompt mask), and a
+    non-empty rejected response in every pair."""
     config = getattr(getattr(model, "module", model), "config", None)  # a DeepSpeed engine's `config` is its own
-    return getattr(config, "_attn_implementation", None) == ATTENTION
+    if not padding_free or getattr(config, "_attn_implementation", None) != ATTENTION:
+        return False
+    B = prompt_lengths.shape[0]
+    return bool((attention_mask[B:].sum(1) > prompt_lengths.to(attention_mask.device)).all())
 
 
 def register() -> None:

@@ -11,7 +11,7 @@ from align.config import ModelConfig
 from align.models.builders import (build_causal_lm, build_scalar_model, save_pretrained, sequence_scores,
                                    token_scalars)
 from align.models.logprobs import LogProbs, sequence_logprobs
-from align.models.padding_free import ATTENTION, pack, segment_sum, varlen_attention
+from align.models.padding_free import ATTENTION, pack, varlen_attention
 
 PAD = 0
 
@@ -25,7 +25,6 @@ def test_pack_right_and_left_padded_rows_by_hand():
     assert p.cu_seqlens.tolist() == [0, 3, 5]
     assert p.max_length == 3
     assert p.flat_index.tolist() == [0, 1, 2, 6, 7]  # row-major slots of the real tokens
-    assert p.seq_row.tolist() == [0, 1]
     back = p.unpack(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), fill=-1.0)
     assert back.tolist() == [[1.0, 2.0, 3.0, -1.0], [-1.0, -1.0, 4.0, 5.0]]
 
@@ -37,15 +36,9 @@ def test_pack_splits_sft_packed_rows_at_position_zero():
     pos = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 0, 0, 0]])
     p = pack(ids, attn, pos)
     assert p.cu_seqlens.tolist() == [0, 2, 5, 7]
-    assert p.seq_row.tolist() == [0, 0, 1]
     assert p.max_length == 3
     with pytest.raises(ValueError, match="position id 0"):
         pack(ids, attn, pos + 1)
-
-
-def test_segment_sum_by_hand():
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    assert segment_sum(torch.tensor([1.0, 2.0, 10.0, 20.0, 30.0]), cu).tolist() == [3.0, 60.0]
 
 
 def test_varlen_attention_equals_each_sequence_alone():
