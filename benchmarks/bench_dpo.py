@@ -2,7 +2,7 @@
 DPOTrainer (use_cpu=True, loss_type=["sigmoid"], fp32): same weights, rows, batches, hyperparameters.
 
     .venv/bin/python benchmarks/bench_dpo.py     # ours, ours-padded, trl, trl-ref x 3 reps: ~9 min on 2 cores
-    .venv/bin/python benchmarks/bench_dpo.py --variants ours,trl,trl-ref --out dpo_trl_ref
+    .venv/bin/python benchmarks/bench_dpo.py --variants ours,ours-nice15,trl --out dpo_nice15   # a variant set of its own
 
 Rows: `steps x micro_batch` pairs of builtin:preferences (one epoch), micro-batch 8 pairs = 16
 sequences in one concatenated forward, beta 0.1. Our config is built in code (`our_config`);
