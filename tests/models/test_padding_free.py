@@ -1,7 +1,6 @@
 """Padding-free forwards: packing by hand, the varlen attention against a per-sequence loop, and
 the packed log-probs, scores and gradients against the padded forward on the built-in model."""
 
-import dataclasses
 import json
 
 import pytest
@@ -199,9 +198,14 @@ def test_export_does_not_record_the_varlen_attention(lm, builtin_tokenizer, tmp_
     assert reloaded.config._attn_implementation == "sdpa"
 
 
-def test_padding_free_is_a_model_config_key():
-    assert ModelConfig().padding_free is True
-    assert dataclasses.replace(ModelConfig(), padding_free=False).padding_free is False
+def test_padding_free_is_on_by_default_and_set_from_the_command_line():
+    from align.config import ConfigError, load_config
+    from direct.trainer import DPOConfig
+
+    assert load_config(DPOConfig).model.padding_free is True
+    assert load_config(DPOConfig, overrides=["model.padding_free=false"]).model.padding_free is False
+    with pytest.raises(ConfigError, match="model.padding_free"):
+        load_config(DPOConfig, overrides=["model.padding_free=sometimes"])
 
 
 # ---------------------------------------------------------------------------------------------
