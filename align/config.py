@@ -18,11 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from align.errors import ConfigError  # noqa: F401  (re-exported: stages raise it from here)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake, with the file and the key it concerns."""
 
 
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:

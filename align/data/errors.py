@@ -6,6 +6,8 @@ import collections
 import logging
 from typing import Optional
 
+from align.errors import UserError
+
 logger = logging.getLogger("align.data")
 
 # Reasons a row can be rejected; with data.on_error=drop each is counted under its name.
@@ -21,7 +23,7 @@ REASONS = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user's data mistake: `<file>, row <i>, field '<name>': <problem>`.
 
     Rows are numbered from 0 within the file (or within the split, for a hub dataset).
@@ -36,14 +38,18 @@ class DataError(ValueError):
         field: Optional[str] = None,
         reason: str = "file",
     ):
-        where = source
-        if row is not None:
-            where += f", row {row}"
-        if field is not None:
-            where += f", field '{field}'"
-        suffix = " (rows are numbered from 0)" if row is not None else ""
-        super().__init__(f"{where}: {problem}{suffix}")
+        # The constructor's arguments are `args`, so the error pickles (Ray) and compares whole.
+        super().__init__(source, problem, row, field, reason)
         self.source, self.row, self.field, self.reason, self.problem = source, row, field, reason, problem
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.row is not None:
+            where += f", row {self.row}"
+        if self.field is not None:
+            where += f", field '{self.field}'"
+        suffix = " (rows are numbered from 0)" if self.row is not None else ""
+        return f"{where}: {self.problem}{suffix}"
 
 
 class RowProblem(Exception):
