@@ -170,6 +170,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
 
 
+def loss_scale(global_count: float, micro_batches: int, floor: float = 1e-12) -> float:
+    """Factor for a micro-batch's SUMMED loss so that the accumulated gradient is the gradient of
+    the mean over `global_count` items (tokens, pairs, rows) of the whole global batch.
+
+    DeepSpeed divides each backward by the gradient-accumulation steps and averages gradients
+    over ranks; multiplying by world_size * micro_batches undoes both, and dividing by the
+    global count makes each micro-batch's sum its share of one mean, however the batch is split.
+    """
+    return world_size() * micro_batches / max(global_count, floor)
+
+
 # ---------------------------------------------------------------------------------------------
 # Engines
 # ---------------------------------------------------------------------------------------------
