@@ -39,10 +39,10 @@ Part = Tuple[str, datasets.Dataset]  # (label used in errors, raw rows)
 
 
 def resolve_builtin(name: str, seed: int) -> str:
-    """The .jsonl file of a split of the built-in task (imported lazily: it is optional)."""
-    from align.task.synthetic import builtin_path
+    """The .jsonl file of a split of a built-in task (`name` without the prefix)."""
+    from align.task import builtin_path
 
-    return builtin_path(name, seed)
+    return builtin_path(BUILTIN_PREFIX + name, seed)
 
 
 def _data_files(directory: str) -> List[str]:

@@ -20,7 +20,7 @@ VOCAB_SIZE = 512
 def _builtin_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from align.task.synthetic import tokenizer_corpus
+    from align.task import default_tokenizer_corpus as tokenizer_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

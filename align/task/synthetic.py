@@ -112,6 +112,11 @@ def is_fluent(response: str) -> bool:
     )
 
 
+def sample_metrics(prompts: Sequence[str], responses: Sequence[str]) -> Dict[str, float]:
+    """Task metrics of sampled responses: the share that is fluent under the grammar."""
+    return {"fluent": sum(map(is_fluent, responses)) / max(len(responses), 1)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Generator
 # ---------------------------------------------------------------------------------------------
