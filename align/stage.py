@@ -12,11 +12,15 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
+from align import run as runs
 from align.config import DataConfig, StageConfig, TrainConfig, to_dict
+from align.tracking import Tracker
 
 log = logging.getLogger("align.stage")
 
@@ -93,16 +97,69 @@ class Throughput:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: str,
+class GroupStage:
+    """The driver's side of a stage that runs as one group of actors (sft, reward_model, dpo,
+    kto): every call goes to the per-rank worker class on all ranks; rank 0 answers."""
+
+    def __init__(self, name: str, cfg: StageConfig, worker: Callable):
+        from align.engine.ray_group import ActorGroup, start_ray
+
+        self.cfg, self.initial_eval = cfg, {}
+        start_ray(cfg.ray)
+        self.group = ActorGroup(name, cfg.ray)
+        try:
+            self.group.setup(worker, cfg)
+            self._plan = self.group.call("plan")[0]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def plan(self) -> Dict[str, Any]:
+        return dict(self._plan, eval_at_start=self.cfg.train.eval_before_training)
+
+    def train_step(self, step: int) -> Dict[str, Any]:
+        return self.group.call("train_step")[0]
+
+    def evaluate(self, final: bool = False, start: bool = False) -> Dict[str, Any]:
+        if final:
+            return self.group.call("evaluate", final=True)[0]
+        metrics = self.group.call("evaluate")[0]
+        if start:
+            self.initial_eval = metrics
+        return metrics
+
+    def save_checkpoint(self, step: int) -> None:
+        self.group.call("save_checkpoint", step)
+
+    def export(self, out_dir: str) -> None:
+        self.group.call("export", out_dir)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"initial_eval": self.initial_eval, **self._plan.get("summary", {})}
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+@dataclass(frozen=True)
+class OnDriver:
+    """`run_stage`'s `worker` for a stage of several groups: `make(cfg)` builds its driver-side
+    stage object (e.g. rlhf/rollout.py RolloutStage), which starts and calls its own groups."""
+
+    make: Callable[[Any], Any]
+
+
+def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], data_fingerprint: str,
               inputs: Optional[Dict[str, str]] = None, group_name: Optional[str] = None,
               reuse: bool = True) -> Dict[str, Any]:
-    """Runs (or reuses) one training stage; returns its summary (also in DONE.json)."""
-    from tqdm.auto import tqdm
+    """Runs (or reuses) one training stage; returns its summary (also in DONE.json).
 
-    from align import run as runs
-    from align.engine.ray_group import ActorGroup, start_ray
-    from align.tracking import Tracker
-
+    `worker` is the stage's per-rank worker class, run on one group of actors (GroupStage), or
+    `OnDriver(make)`. Either way the loop drives a stage object on the driver, which has
+    `plan()` -> {total_steps, start_step, eval_at_start, progress_keys}, `train_step(step)`,
+    `evaluate(final=..., start=...)`, `save_checkpoint(step)`, `export(dir)`, `summary()` (the
+    stage's own summary fields) and `shutdown()`.
+    """
     inputs = runs.identify_inputs(inputs)
     if reuse:
         done = runs.finished(cfg, data_fingerprint, inputs)
@@ -112,48 +169,47 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
     run_dir = runs.prepare(cfg, stage, data_fingerprint, inputs)
     tracker = Tracker(cfg.tracking, run_dir.path, name=os.path.basename(os.path.abspath(cfg.run_dir)),
                       config=to_dict(cfg), group=group_name, job_type=stage)
-    start_ray(cfg.ray)
     started = time.time()
-    group = ActorGroup(stage, cfg.ray)
+    driven = None
     try:
-        group.setup(worker, cfg)
-        plan = group.call("plan")[0]
+        driven = worker.make(cfg) if isinstance(worker, OnDriver) else GroupStage(stage, cfg, worker)
+        plan = driven.plan()
         total, start = plan["total_steps"], plan["start_step"]
         if start:
             log.info("%s: resuming at step %d of %d", stage, start, total)
-        initial = {}
-        if cfg.train.eval_before_training and start == 0:
-            initial = group.call("evaluate")[0]
-            tracker.log(initial, 0)
+        elif plan["eval_at_start"]:
+            tracker.log(driven.evaluate(start=True), 0)
         tokens, last = 0.0, {}
         bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, disable=None)
         for step in range(start + 1, total + 1):
-            metrics = group.call("train_step")[0]
+            metrics = driven.train_step(step)
             tokens += metrics.get("tokens", 0.0)
             last = metrics
             bar.update(1)
-            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in plan.get("progress_keys", ["loss"]) if k in metrics})
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in plan.get("progress_keys", ["loss"])
+                             if k in metrics})
             if step % cfg.train.log_every == 0 or step == total:
                 tracker.log(metrics, step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                tracker.log(group.call("evaluate")[0], step)
+                tracker.log(driven.evaluate(), step)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
-                group.call("save_checkpoint", step)
+                driven.save_checkpoint(step)
         bar.close()
-        final = group.call("evaluate", final=True)[0]
+        final = driven.evaluate(final=True)
         tracker.log(final, total)
-        group.call("export", run_dir.model)
+        driven.export(run_dir.model)
         summary = {
             "stage": stage, "steps": total, "wall_time_s": round(time.time() - started, 2),
             "train_tokens": tokens, "model_dir": run_dir.model,
             "final_train": {k: v for k, v in last.items() if isinstance(v, (int, float))},
-            "initial_eval": initial, "final_eval": final, **plan.get("summary", {}),
+            "final_eval": final, **driven.summary(),
         }
         tracker.summary({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
         runs.finish(run_dir, summary)
         return summary
     finally:
-        group.shutdown()
+        if driven is not None:
+            driven.shutdown()
         tracker.finish()
 
 

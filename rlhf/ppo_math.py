@@ -25,22 +25,19 @@ Number = Union[float, int, torch.Tensor]
 
 
 class Trajectory(NamedTuple):
-    """Every tensor of one PPO rollout batch (documentation type; nothing enforces it).
-
-    B = number of sequences, Q = padded query length, T = padded response length.
+    """Every tensor of one rollout batch after the experience step: rlhf/ppo.py builds it from
+    the groups' outputs and the update reads it. Response tokens only, right-padded:
+    B = number of rollouts, T = longest response.
     """
 
-    query_ids: torch.Tensor  # (B, Q) long, prompt tokens, left-padded
-    query_mask: torch.Tensor  # (B, Q) 1 for real prompt tokens
-    response_ids: torch.Tensor  # (B, T) long, sampled tokens, right-padded
-    response_mask: torch.Tensor  # (B, T) 1 for real response tokens (EOS included)
+    mask: torch.Tensor  # (B, T) 1 for real response tokens (EOS included)
     logprobs: torch.Tensor  # (B, T) log pi_old(a_t | s_t) of the sampling policy
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t | s_t) of the frozen reference (SFT) model
-    values: torch.Tensor  # (B, T) V_old(s_t) from the critic at rollout time
+    values: Optional[torch.Tensor]  # (B, T) V_old(s_t) from the critic at rollout time; None without one
     scores: torch.Tensor  # (B,) reward-model score of the whole response
-    rewards: torch.Tensor  # (B, T) per-token reward: -kl_coef * KL, plus score on last token
-    advantages: torch.Tensor  # (B, T) GAE advantages (usually whitened before the update)
-    returns: torch.Tensor  # (B, T) advantages + values, the critic's regression target
+    rewards: torch.Tensor  # (B, T) per-token reward: -kl_coef * KL, plus the score on the last token
+    advantages: torch.Tensor  # (B, T) advantages (GAE), whitened for the update
+    returns: Optional[torch.Tensor]  # (B, T) raw advantages + values, the critic's target; None without one
 
 
 # --------------------------------------------------------------------------- masked statistics

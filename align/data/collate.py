@@ -12,6 +12,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+
+def collate_rows(rows: Sequence[dict], pad_id: int):
+    """Online-RL rows {"prompt": ids, "response": ids} (rlhf/ppo_workers.py) as one right-padded
+    prompt+response batch: input_ids, attention_mask, loss_mask (B, T) with the response tokens
+    scored, and the prompt lengths (B,) that locate each response. On the CPU."""
+    examples = [{"input_ids": list(r["prompt"]) + list(r["response"]),
+                 "loss_mask": [0] * len(r["prompt"]) + [1] * len(r["response"])} for r in rows]
+    return collate_sft(examples, pad_id), torch.tensor([len(r["prompt"]) for r in rows])
+
+
 Batch = Dict[str, torch.Tensor]
 
 

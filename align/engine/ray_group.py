@@ -16,6 +16,7 @@ group, the rank and the cause, and the group is shut down, never left hanging.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -166,6 +167,19 @@ class ActorGroup:
     def get(self, refs: List[Any]) -> List[Any]:
         return self._get(refs)
 
+    def scatter(self, method: str, items: Sequence[Any], **kwargs) -> tuple:
+        """Starts `role.method(share, **kwargs)` on every rank, rank r getting the r-th contiguous
+        share of `items`; returns what `gather` needs. Shares are equally long (short ones padded
+        with items[0]) so that under ZeRO-3 every rank runs the same number of forwards."""
+        parts, counts = split_even(items, self.world_size)
+        return self.call_async(method, per_rank=[(p,) for p in parts], **kwargs), counts
+
+    def gather(self, scattered: tuple) -> List[Any]:
+        """A `scatter`'s results, one per item in the items' order (a rank returns one per row of
+        its share); the padding's results are dropped."""
+        refs, counts = scattered
+        return [x for part, n in zip(self._get(refs), counts) for x in part[:n]]
+
     def _get(self, refs: List[Any], timeout: Optional[float] = None) -> List[Any]:
         """Results in rank order; a failure of any rank raises (within FAILURE_GRACE_S)."""
         pending = list(refs)
@@ -279,3 +293,11 @@ def remove_shared_placement_group(pg: PlacementGroup) -> None:
         remove_placement_group(pg)
     except Exception:  # noqa: BLE001 - already removed
         pass
+
+
+def split_even(items: Sequence[Any], n: int) -> tuple:
+    """n contiguous chunks of equal length (short ones padded with items[0]) and each chunk's
+    count of real items: how `ActorGroup.scatter` splits rows across a group's ranks."""
+    size = math.ceil(len(items) / n)
+    parts = [list(items[r * size:(r + 1) * size]) for r in range(n)]
+    return [p + [items[0]] * (size - len(p)) for p in parts], [len(p) for p in parts]

@@ -21,6 +21,7 @@ STEP_METRICS = [
     "objective/entropy", "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac",
     "val/explained_variance", "response/length", "kl_coef", "tokens/s_generate", "tokens/s_train",
     "time/generate", "time/inference", "time/train", "gold/score",
+    "policy/grad_norm", "policy/lr", "value/grad_norm", "value/lr",
 ]
 
 
@@ -44,21 +45,14 @@ def test_config_errors_name_the_key(override, message):
         load_config(PPOConfig, "configs/ppo/default.yaml", [override])
 
 
-def test_split_even_pads_to_equal_shares():
-    from rlhf.ppo_roles import split_even
-
-    parts, counts = split_even(list("abcde"), 2)
-    assert parts == [list("abc"), list("dea")] and counts == [3, 2]
-    assert split_even(list("abcd"), 2) == ([list("ab"), list("cd")], [2, 2])
-
-
 def test_response_view_reads_logprobs_and_values_at_the_right_positions(builtin_tokenizer):
     """Batched right-padded rows give each response token's log-prob (at P + t) and the value
     of the state before it (at P + t - 1), as one unpadded forward per row does."""
     from align.config import ModelConfig
     from align.models.builders import build_causal_lm, build_scalar_model, token_scalars
     from align.models.logprobs import sequence_logprobs
-    from rlhf.ppo_roles import collate_rows, response_mask, response_view
+    from align.data.collate import collate_rows
+    from rlhf.ppo_workers import response_mask, response_view
 
     lm = build_causal_lm(ModelConfig(), builtin_tokenizer, seed=1).eval()
     critic = build_scalar_model(ModelConfig(), builtin_tokenizer, seed=2).eval()
@@ -120,21 +114,22 @@ def small_beta(ppo_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def large_beta(ppo_config, tmp_path_factory):
-    """The beta = 0.5 run, driven step by step with the stage's trainer so that its first step
-    (rollout, experience, update) can be replayed on a 2-actor ZeRO-3 policy."""
+    """The beta = 0.5 run, driven step by step with the stage's driver-side object so that its
+    first step (rollout, experience, update) can be replayed on a 2-actor ZeRO-3 policy."""
     from rlhf import ppo
 
-    trainer = ppo.PPOTrainer(ppo_config(tmp_path_factory.mktemp("ppo_large_beta"), **{"kl.coef": 0.5}))
+    stage = ppo.start(ppo_config(tmp_path_factory.mktemp("ppo_large_beta"), **{"kl.coef": 0.5}))
+    algo = stage.algorithm
     try:
-        rollout = trainer.rollout(1)
-        exp = trainer.experience(rollout)
-        first = {"rollout": rollout, "exp": exp, "train": trainer.train(exp, 1),
-                 "after": trainer.logprobs(exp["rows"])}
+        rollout = stage.rollout(1)
+        exp = algo.experience(stage, rollout)
+        first = {"rollout": rollout, "exp": exp, "train": algo.train(stage, exp, 1),
+                 "after": stage.logprobs(exp["rows"])}
         for step in range(2, STEPS + 1):
-            trainer.step(step)
-        return {"final_eval": trainer.evaluate(), "first": first}
+            stage.train_step(step)
+        return {"final_eval": stage.evaluate(final=True), "first": first}
     finally:
-        trainer.shutdown()
+        stage.shutdown()
 
 
 def _metrics(run_dir):
@@ -204,22 +199,25 @@ def test_two_actor_zero3_policy_matches_one_actor_and_resumes(ppo_config, large_
     cfg = ppo_config(run_dir, **{"kl.coef": 0.5, "policy.num_actors": 2, "policy.zero_stage": 3, "colocate": True,
                                  "ray.cpus_per_actor": 1, "deepspeed.param_persistence_threshold": 0,
                                  "eval_prompts": 16, "eval_at_start": False, "train.max_steps": 2})
-    two = ppo.PPOTrainer(cfg)
+    two = ppo.start(cfg)
     try:
-        exp = two.experience(one["rollout"])
-        train = two.train(exp, 1)
+        exp = two.algorithm.experience(two, one["rollout"])
+        train = two.algorithm.train(two, exp, 1)
         after = two.logprobs(exp["rows"])
         two.save_checkpoint(1)
     finally:
         two.shutdown()
     for key in ("logprobs", "values", "advantages", "returns"):
-        torch.testing.assert_close(exp[key], one["exp"][key], atol=2e-4, rtol=1e-3, msg=key)
-    for key in ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac"):
+        torch.testing.assert_close(getattr(exp["trajectory"], key), getattr(one["exp"]["trajectory"], key),
+                                   atol=2e-4, rtol=1e-3, msg=key)
+    for key in ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac",
+                "policy/grad_norm", "value/grad_norm"):
         assert train[key] == pytest.approx(one["train"][key], rel=2e-2, abs=2e-4), key
     for a, b in zip(one["after"], after):
         torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-3)
     # ... and the update did move the policy, so that comparison means something.
-    assert max(float((a - b[: len(a)]).abs().max()) for a, b in zip(one["after"], one["exp"]["logprobs"])) > 1e-3
+    assert max(float((a - b[: len(a)]).abs().max())
+               for a, b in zip(one["after"], one["exp"]["trajectory"].logprobs)) > 1e-3
 
     summary = ppo.run(cfg, reuse=False)
     rows = _metrics(run_dir)

@@ -1,9 +1,10 @@
-"""Per-rank roles of the PPO stage, one class per model group (built on every rank by ActorGroup).
+"""Per-rank workers of the PPO stage, one class per model group (built on every rank of the
+group's Ray actors by ActorGroup; the driver side is rlhf/rollout.py).
 
-    PolicyRole     trained causal LM: rollouts, old log-probs and entropy, clipped policy update
-    ValueRole      trained scalar model (initialised from the reward model): values, value update
-    ReferenceRole  frozen SFT model: reference log-probs
-    RewardRole     frozen reward model: normalised scores of whole responses
+    PolicyWorker     trained causal LM: rollouts, old log-probs and entropy, clipped policy update
+    ValueWorker      trained scalar model (initialised from the reward model): values, value update
+    ReferenceWorker  frozen SFT model: reference log-probs
+    RewardWorker     frozen reward model: normalised scores of whole responses
 
 Rows travel between groups through the driver as dicts of token ids, {"prompt": [...],
 "response": [...]}, plus per-token tensors over the response for training (old log-probs,
@@ -25,30 +26,35 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from align.config import ConfigError
+from align.data.batching import BatchIterator
+from align.data.collate import collate_rows
+from align.engine import deepspeed_engine as de
+from align.generation import sample
+from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, last_token_index, token_scalars
+from align.models.logprobs import sequence_logprobs
+from align.stage import load_tokenized
+from rlhf.ppo_math import entropy_from_logits, policy_loss, value_loss
+
 Row = Dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared by the roles
+# Helpers shared by the workers
 # ---------------------------------------------------------------------------------------------
 
 
-def role_deepspeed(cfg, role, trained: bool, grad_accum_steps: int = 1):
+def group_deepspeed(cfg, group, trained: bool, grad_accum_steps: int = 1):
     """The stage's DeepSpeed settings with this group's ZeRO stage and offload."""
-    return replace(cfg.deepspeed, zero_stage=role.zero_stage, grad_accum_steps=grad_accum_steps,
-                   offload_optimizer=role.offload and trained and role.zero_stage > 0,
-                   offload_params=role.offload and role.zero_stage == 3)
+    return replace(cfg.deepspeed, zero_stage=group.zero_stage, grad_accum_steps=grad_accum_steps,
+                   offload_optimizer=group.offload and trained and group.zero_stage > 0,
+                   offload_params=group.offload and group.zero_stage == 3)
 
 
-def collate_rows(rows: Sequence[Row], pad_id: int):
-    """Right-padded prompt+response batch (input_ids, attention_mask, loss_mask (B, T)) and the
-    prompt lengths (B,), on this rank's device."""
-    from align.data.collate import collate_sft
-    from align.engine.deepspeed_engine import device, to_device
-
-    examples = [{"input_ids": list(r["prompt"]) + list(r["response"]),
-                 "loss_mask": [0] * len(r["prompt"]) + [1] * len(r["response"])} for r in rows]
-    return to_device(collate_sft(examples, pad_id)), torch.tensor([len(r["prompt"]) for r in rows], device=device())
+def collate_on_device(rows: Sequence[Row], pad_id: int):
+    """`collate_rows` (batch (B, T) and prompt lengths (B,)) on this rank's device."""
+    batch, prompt_lens = collate_rows(rows, pad_id)
+    return de.to_device(batch), prompt_lens.to(de.device())
 
 
 def response_view(x: torch.Tensor, prompt_lens: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
@@ -73,14 +79,6 @@ def pad_right(seqs: Sequence[torch.Tensor], width: Optional[int] = None, device=
     return out
 
 
-def split_even(items: Sequence[Any], n: int):
-    """n contiguous chunks of equal length (short ones padded with items[0]) and the real lengths:
-    how the driver splits rows across a group's ranks."""
-    size = math.ceil(len(items) / n)
-    parts = [list(items[r * size:(r + 1) * size]) for r in range(n)]
-    return [p + [items[0]] * (size - len(p)) for p in parts], [len(p) for p in parts]
-
-
 def chunks(rows: Sequence[Row], size: int) -> List[Sequence[Row]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
@@ -97,8 +95,6 @@ class TokenScalars(torch.nn.Module):
         self.model, self.padding_free = model, padding_free
 
     def forward(self, input_ids, attention_mask):
-        from align.models.builders import token_scalars
-
         return token_scalars(self.model, input_ids, attention_mask, padding_free=self.padding_free)
 
 
@@ -108,7 +104,7 @@ def _sum_stats(total: Dict[str, float], stats: Dict[str, torch.Tensor], weight: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Trained roles
+# Trained workers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -122,16 +118,10 @@ def _optimizer_steps(cfg) -> int:
     return max(1, cfg.train.max_steps) * cfg.ppo_epochs * cfg.num_minibatches
 
 
-class PolicyRole:
+class PolicyWorker:
     """One rank of the policy: samples rollouts and takes clipped-surrogate PPO steps."""
 
     def __init__(self, cfg):
-        from align.config import ConfigError
-        from align.data.batching import BatchIterator
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_causal_lm, build_tokenizer
-        from align.stage import load_tokenized
-
         self.cfg, self.de = cfg, de
         de.seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg.model)
@@ -144,7 +134,7 @@ class PolicyRole:
         self.data_iter = iter(self.batches)
         self.gas = _grad_accum(cfg, de.world_size())
         model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
-        ds = role_deepspeed(cfg, cfg.policy, trained=True, grad_accum_steps=self.gas)
+        ds = group_deepspeed(cfg, cfg.policy, trained=True, grad_accum_steps=self.gas)
         self.engine = de.init_train_engine(model, ds, cfg.optim, _optimizer_steps(cfg))
         # The generation seam: an optional vLLM engine would provide this same call.
         self.generate_fn = partial(de.generate, self.engine)
@@ -163,8 +153,6 @@ class PolicyRole:
                 "data_report": dict(self.report)}
 
     def _sample(self, prompts: List[List[int]], sampling, seed: int) -> Dict[str, list]:
-        from align.generation import sample
-
         # Under ZeRO-3, gathering the weights once beats gathering them at every decoding step.
         gather = self.de.gathered_parameters(self.engine) if self.cfg.gather_for_generation else nullcontext()
         with gather:
@@ -195,21 +183,20 @@ class PolicyRole:
         """Per-row response log-probs (R,) under the current policy, and the summed entropy."""
         return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, entropy, temperature)
 
-    def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, float]:
+    def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, Dict[str, float]]:
         """One optimizer step on this rank's share of a minibatch (gradient accumulation over
         micro-batches). `num_tokens` is the minibatch's response-token count over ALL ranks, so
-        each micro-batch's loss is its share of one global token mean."""
-        from align.models.logprobs import sequence_logprobs
-        from rlhf.ppo_math import policy_loss
-
+        each micro-batch's loss is its share of one global token mean. Returns {"sums": the loss
+        and token-weighted stats summed over micro-batches, "last": the step's lr and grad_norm}."""
         cfg, engine = self.cfg, self.engine
-        # DeepSpeed divides by accumulation steps and averages over ranks; undo both.
-        scale = self.de.world_size() * self.gas
+        # policy_loss already divides by the global token count (num_tokens), so the count here
+        # is 1: what remains is undoing DeepSpeed's accumulation and rank averaging.
+        scale = self.de.loss_scale(1.0, self.gas)
         totals: Dict[str, float] = {"loss": 0.0}
         micro = chunks(rows, cfg.deepspeed.micro_batch_size)
         assert len(micro) == self.gas, f"{len(micro)} micro-batches, engine expects {self.gas}"
         for part in micro:
-            batch, plens = collate_rows(part, self.tokenizer.pad_token_id)
+            batch, plens = collate_on_device(part, self.tokenizer.pad_token_id)
             mask = response_mask(part, plens.device)
             lp = sequence_logprobs(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                    temperature=cfg.sampling.temperature, padding_free=cfg.model.padding_free)
@@ -218,10 +205,10 @@ class PolicyRole:
             adv = pad_right([r["advantages"] for r in part], mask.shape[1], mask.device)
             loss, stats = policy_loss(new, old, adv, mask, cfg.clip_range, num_tokens=num_tokens)
             engine.backward(loss * scale)
-            engine.step()
+            self.de.optimizer_step(engine)
             totals["loss"] += loss.item()
             _sum_stats(totals, stats, float(mask.sum()))
-        return totals
+        return {"sums": totals, "last": self.de.step_metrics(engine)}
 
     def save_checkpoint(self, step: int, driver_state: Dict[str, Any]) -> str:
         return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step,
@@ -235,13 +222,10 @@ class PolicyRole:
         self.engine = self.generate_fn = None
 
 
-class ValueRole:
+class ValueWorker:
     """One rank of the critic: per-token values and clipped value-regression steps."""
 
     def __init__(self, cfg):
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_scalar_model, build_tokenizer
-
         self.cfg, self.de = cfg, de
         de.seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg.model)
@@ -250,7 +234,7 @@ class ValueRole:
         model = TokenScalars(build_scalar_model(replace(cfg.model, name_or_path=path, tokenizer=None),
                                                 self.tokenizer, seed=cfg.seed), cfg.model.padding_free)
         optim = replace(cfg.optim, lr=cfg.value_lr if cfg.value_lr is not None else cfg.optim.lr)
-        ds = role_deepspeed(cfg, cfg.value, trained=True, grad_accum_steps=self.gas)
+        ds = group_deepspeed(cfg, cfg.value, trained=True, grad_accum_steps=self.gas)
         self.engine = de.init_train_engine(model, ds, optim, _optimizer_steps(cfg))
         self.step = 0
         state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
@@ -264,7 +248,7 @@ class ValueRole:
         return {"start_step": self.step}
 
     def _values(self, rows: Sequence[Row]):
-        batch, plens = collate_rows(rows, self.tokenizer.pad_token_id)
+        batch, plens = collate_on_device(rows, self.tokenizer.pad_token_id)
         mask = response_mask(rows, plens.device)
         values = self.engine(batch["input_ids"], batch["attention_mask"])
         return response_view(values, plens, mask.shape[1], offset=-1), mask
@@ -277,10 +261,10 @@ class ValueRole:
             out += [values[i, : len(r["response"])].cpu() for i, r in enumerate(part)]
         return out
 
-    def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, float]:
-        from rlhf.ppo_math import value_loss
-
-        scale = self.de.world_size() * self.gas
+    def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, Dict[str, float]]:
+        """As PolicyWorker.train_minibatch, with the clipped value loss."""
+        # value_loss already divides by the global token count: see PolicyWorker.train_minibatch.
+        scale = self.de.loss_scale(1.0, self.gas)
         totals: Dict[str, float] = {"loss": 0.0}
         for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
             values, mask = self._values(part)
@@ -288,10 +272,10 @@ class ValueRole:
             returns = pad_right([r["returns"] for r in part], mask.shape[1], mask.device)
             loss, stats = value_loss(values, old, returns, mask, self.cfg.clip_range_value, num_tokens=num_tokens)
             self.engine.backward(loss * scale)
-            self.engine.step()
+            self.de.optimizer_step(self.engine)
             totals["loss"] += loss.item()
             _sum_stats(totals, stats, float(mask.sum()))
-        return totals
+        return {"sums": totals, "last": self.de.step_metrics(self.engine)}
 
     def save_checkpoint(self, step: int) -> str:
         return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step, {},
@@ -302,20 +286,17 @@ class ValueRole:
 
 
 # ---------------------------------------------------------------------------------------------
-# Frozen roles
+# Frozen workers
 # ---------------------------------------------------------------------------------------------
 
 
 def _logprobs(engine, rows: Sequence[Row], pad_id: int, cfg, entropy: bool = False,
               temperature: Optional[float] = None) -> List[Dict[str, Any]]:
     """Per-row log-probs of the sampling distribution, logits / temperature (the rollout's by default)."""
-    from align.models.logprobs import sequence_logprobs
-    from rlhf.ppo_math import entropy_from_logits
-
     temperature = temperature or cfg.sampling.temperature
     out = []
     for part in chunks(rows, cfg.deepspeed.micro_batch_size):
-        batch, plens = collate_rows(part, pad_id)
+        batch, plens = collate_on_device(part, pad_id)
         width = max(len(r["response"]) for r in part)
         lp = sequence_logprobs(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                temperature=temperature, keep_logits=entropy, padding_free=cfg.model.padding_free)
@@ -331,18 +312,15 @@ def _logprobs(engine, rows: Sequence[Row], pad_id: int, cfg, entropy: bool = Fal
     return out
 
 
-class ReferenceRole:
+class ReferenceWorker:
     """One rank of the frozen reference policy (the SFT model): log-probs only."""
 
     def __init__(self, cfg):
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_causal_lm, build_tokenizer
-
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model)
         model = build_causal_lm(replace(cfg.model, name_or_path=cfg.reference_model or cfg.model.name_or_path),
                                 self.tokenizer, seed=cfg.seed)
-        self.engine = de.init_eval_engine(model, role_deepspeed(cfg, cfg.reference, trained=False), cfg.optim)
+        self.engine = de.init_eval_engine(model, group_deepspeed(cfg, cfg.reference, trained=False), cfg.optim)
 
     @torch.no_grad()
     def logprobs(self, rows: Sequence[Row], temperature: Optional[float] = None) -> List[Dict[str, Any]]:
@@ -352,14 +330,11 @@ class ReferenceRole:
         self.engine = None
 
 
-class RewardRole:
+class RewardWorker:
     """One rank of the frozen reward model: score at the last token, normalised with the
     reward_mean / reward_std that the reward-model stage stored in its config.json."""
 
     def __init__(self, cfg):
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_scalar_model, build_tokenizer
-
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model)
         model = build_scalar_model(replace(cfg.model, name_or_path=cfg.reward_model, tokenizer=None),
@@ -368,19 +343,14 @@ class RewardRole:
         if cfg.normalize_reward:
             self.mean = float(getattr(model.config, "reward_mean", 0.0) or 0.0)
             self.std = float(getattr(model.config, "reward_std", 1.0) or 1.0)
-        self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free), role_deepspeed(cfg, cfg.reward, trained=False),
+        self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free), group_deepspeed(cfg, cfg.reward, trained=False),
                                           cfg.optim)
-
-    def normalisation(self) -> Dict[str, float]:
-        return {"reward_mean": self.mean, "reward_std": self.std}
 
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> List[float]:
-        from align.models.builders import last_token_index
-
         out: List[float] = []
         for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
-            batch, _ = collate_rows(part, self.tokenizer.pad_token_id)
+            batch, _ = collate_on_device(part, self.tokenizer.pad_token_id)
             values = self.engine(batch["input_ids"], batch["attention_mask"])
             raw = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
             out += ((raw - self.mean) / self.std).tolist()

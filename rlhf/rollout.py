@@ -1,0 +1,202 @@
+"""The driver's side of an online RL stage: its groups of Ray actors, rollouts, the groups'
+forwards over a rollout, minibatch updates, evaluation, checkpoints and export.
+
+`run_stage` (align/stage.py) drives a `RolloutStage`; the algorithm plugs in as an object with
+`step(stage, step) -> metrics`, `state_dict()` and `load_state_dict(state)` (rlhf/ppo.py `PPO`:
+experience, KL-shaped rewards, GAE, the update's metrics). The groups a run starts are data
+(`groups_for`): everything here iterates over the groups present, so an estimator without a
+critic simply starts no value group.
+
+Rows travel between groups as {"prompt": ids, "response": ids}; `ActorGroup.scatter` gives each
+rank a contiguous, equally long share and `gather` returns one result per row in row order.
+"""
+
+from __future__ import annotations
+
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from align.engine.ray_group import ActorGroup, create_placement_group, remove_shared_placement_group, start_ray
+from align.evaluation import bootstrap_ci
+from align.task import gold_scorer_for
+from rlhf.ppo_math import Trajectory
+from rlhf.ppo_workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueWorker, pad_right
+
+# The per-rank class of every group a rollout stage can start (one config section each).
+WORKERS = {"policy": PolicyWorker, "value": ValueWorker, "reference": ReferenceWorker, "reward": RewardWorker}
+# What each group computes over a rollout's rows (method, keyword arguments), in call order.
+INFERENCE = (("policy", "logprobs", {"entropy": True}), ("reference", "logprobs", {}),
+             ("value", "values", {}), ("reward", "scores", {}))
+# The trained groups, and the per-row fields their train_minibatch reads from the Trajectory.
+TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages"},
+                "value": {"old_values": "values", "returns": "returns"}}
+
+
+def groups_for(cfg) -> Tuple[str, ...]:
+    """The groups a run starts. PPO's advantages (GAE) need the value model; a critic-free
+    estimator (GRPO, RLOO) will return no "value" here, and nothing else has to change."""
+    return ("policy", "value", "reference", "reward")
+
+
+def mean_ci(values: Sequence[float], seed: int) -> tuple:
+    """(mean, low, high) with the 95% percentile bootstrap interval of align.evaluation."""
+    return (statistics.mean(values), *bootstrap_ci(list(values), 1000, seed))
+
+
+class RolloutStage:
+    """The groups of an online RL run and one step at a time, for `run_stage`."""
+
+    def __init__(self, cfg, algorithm):
+        self.cfg, self.algorithm = cfg, algorithm
+        names = groups_for(cfg)
+        start_ray(cfg.ray)
+        self.pg = None
+        if cfg.colocate:
+            self.pg = create_placement_group(max(getattr(cfg, g).num_actors for g in names), cfg.ray)
+        self.groups: Dict[str, ActorGroup] = {}
+        share = 1.0 / len(names) if cfg.colocate else 1.0
+        try:
+            for name in names:
+                self.groups[name] = ActorGroup(name, cfg.ray, getattr(cfg, name).num_actors, pg=self.pg, share=share)
+            # The groups load their models at the same time (one driver thread each).
+            with ThreadPoolExecutor(len(names)) as pool:
+                for done in [pool.submit(self.groups[g].setup, WORKERS[g], cfg) for g in names]:
+                    done.result()
+            plans = {g: self.groups[g].call("plan")[0] for g in TRAIN_FIELDS if g in self.groups}
+        except BaseException:
+            self.shutdown()
+            raise
+        self._plan = plans["policy"]
+        for g, plan in plans.items():
+            if plan["start_step"] != self._plan["start_step"]:
+                self.shutdown()
+                raise RuntimeError(f"{cfg.run_dir}/checkpoints: policy is at step {self._plan['start_step']} but {g} "
+                                   f"at {plan['start_step']}; delete the newer one's last checkpoint")
+        state = self._plan["driver_state"]
+        self.algorithm.load_state_dict(state)
+        self.start_eval: Dict[str, Any] = state.get("start_eval", {})
+        self.gold = gold_scorer_for(s.path for s in cfg.data.train)
+
+    # -- what run_stage drives --------------------------------------------------------------------
+
+    def plan(self) -> Dict[str, Any]:
+        return {"total_steps": self.cfg.train.max_steps, "start_step": self._plan["start_step"],
+                "eval_at_start": self.cfg.eval_at_start,
+                "progress_keys": ["objective/scores", "objective/kl", "gold/score"]}
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        return self.algorithm.step(self, step)
+
+    def evaluate(self, final: bool = False, start: bool = False) -> Dict[str, Any]:
+        """Gold score (95% bootstrap CI) and per-sequence KL to the reference on held-out prompts;
+        keys `eval/...`, or `eval_start/...` for the starting policy."""
+        metrics = self._evaluate("eval_start" if start else "eval")
+        if start:
+            self.start_eval = metrics
+        return metrics
+
+    def save_checkpoint(self, step: int) -> None:
+        state = {**self.algorithm.state_dict(), "start_eval": self.start_eval}
+        refs = {g: self.groups[g].call_async("save_checkpoint", step, *([state] if g == "policy" else []))
+                for g in TRAIN_FIELDS if g in self.groups}
+        for g, r in refs.items():
+            self.groups[g].get(r)
+
+    def export(self, out_dir: str) -> None:
+        self.groups["policy"].call("export", out_dir)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"start_eval": self.start_eval, "prompts": self._plan["prompts"],
+                "data_report": self._plan["data_report"]}
+
+    def shutdown(self) -> None:
+        for group in self.groups.values():
+            group.shutdown()
+        self.groups = {}
+        if self.pg is not None:
+            remove_shared_placement_group(self.pg)
+            self.pg = None
+
+    # -- moving rows through the groups -----------------------------------------------------------
+
+    def _sample(self, method: str, *args) -> Dict[str, list]:
+        parts = self.groups["policy"].call(method, *args)
+        return {k: [x for p in parts for x in p[k]] for k in parts[0]}
+
+    def rollout(self, step: int) -> Dict[str, list]:
+        """Prompts, responses, EOS flags and texts sampled by every policy rank, in rank order."""
+        return self._sample("rollout", step)
+
+    def logprobs(self, rows: Sequence[Dict[str, list]], group: str = "policy") -> List[torch.Tensor]:
+        """Response log-probs of {"prompt", "response"} rows under the policy or the reference."""
+        return [o["logprobs"] for o in self.groups[group].gather(self.groups[group].scatter("logprobs", rows))]
+
+    def inference(self, rollout: Dict[str, list]) -> Dict[str, Any]:
+        """Every started group's forward over the rollout, all groups at once: the rows, mask,
+        policy log-probs and summed entropy, reference log-probs, values (None without a value
+        group) and the reward model's normalised scores (B,). Tensors (B, T) are right-padded."""
+        rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
+        pending = {g: self.groups[g].scatter(method, rows, **kwargs) for g, method, kwargs in INFERENCE
+                   if g in self.groups}
+        out = {g: self.groups[g].gather(p) for g, p in pending.items()}
+        return {"rows": rows, "mask": pad_right([torch.ones(len(r)) for r in rollout["response"]]),
+                "logprobs": pad_right([o["logprobs"] for o in out["policy"]]),
+                "entropy": sum(o["entropy"] for o in out["policy"]),
+                "ref_logprobs": pad_right([o["logprobs"] for o in out["reference"]]),
+                "values": pad_right(out["value"]) if "value" in out else None,
+                "scores": torch.tensor(out["reward"])}
+
+    def update(self, rows: Sequence[Dict[str, list]], traj: Trajectory, step: int) -> tuple:
+        """ppo_epochs passes of num_minibatches optimizer steps on every trained group at once.
+
+        Each minibatch is split across a group's ranks; `num_tokens`, its response-token count
+        over all ranks, makes every rank's loss its share of one mean. Returns the per-group sums
+        of train_minibatch's stats, each group's last {lr, grad_norm}, and the tokens trained on.
+        """
+        cfg, n = self.cfg, len(rows)
+        lengths = traj.mask.sum(1).long().tolist()
+        trained = {g: fields for g, fields in TRAIN_FIELDS.items() if g in self.groups}
+        sums: Dict[str, Dict[str, float]] = {g: {} for g in trained}
+        last: Dict[str, Dict[str, float]] = {}
+        tokens = 0.0
+        for epoch in range(cfg.ppo_epochs):
+            order = np.random.default_rng([cfg.seed, step, epoch]).permutation(n).tolist()
+            for mb in range(cfg.num_minibatches):
+                idx = order[mb * n // cfg.num_minibatches:(mb + 1) * n // cfg.num_minibatches]
+                num_tokens = float(sum(lengths[i] for i in idx))
+                tokens += num_tokens
+                pending = {g: self.groups[g].scatter("train_minibatch", [
+                    dict(rows[i], **{k: getattr(traj, src)[i, : lengths[i]] for k, src in fields.items()})
+                    for i in idx], num_tokens=num_tokens) for g, fields in trained.items()}
+                for g, (refs, _) in pending.items():
+                    parts = self.groups[g].get(refs)
+                    for part in parts:
+                        for k, v in part["sums"].items():
+                            sums[g][k] = sums[g].get(k, 0.0) + v
+                    last[g] = parts[0]["last"]
+        return sums, last, tokens
+
+    def _evaluate(self, prefix: str) -> Dict[str, Any]:
+        cfg = self.cfg
+        if not cfg.eval_prompts:
+            return {}
+        out = self._sample("eval_rollout", cfg.eval_prompts)
+        rows = [{"prompt": p, "response": r} for p, r in zip(out["prompt"], out["response"])]
+        # k1 per sequence, sum over tokens of log pi - log pi_ref: unbiased for KL(pi || pi_ref).
+        pending = [(g, self.groups[g].scatter("logprobs", rows, temperature=cfg.eval_sampling.temperature))
+                   for g in ("policy", "reference")]  # both groups at once
+        pol, ref = ([o["logprobs"] for o in self.groups[g].gather(p)] for g, p in pending)
+        kl = [float((a - b).sum()) for a, b in zip(pol, ref)]
+        metrics = {"n": len(rows), "length": statistics.mean(len(r) for r in out["response"]),
+                   "eos_rate": statistics.mean(map(float, out["eos"]))}
+        metrics.update(zip(("kl", "kl_ci_low", "kl_ci_high"), mean_ci(kl, cfg.seed)))
+        if self.gold is not None:
+            gold = list(map(self.gold, out["prompt_text"], out["text"]))
+            metrics.update(zip(("gold", "gold_ci_low", "gold_ci_high"), mean_ci(gold, cfg.seed)))
+        metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
+        metrics[f"{prefix}/examples"] = out["text"][:3]
+        return metrics
