@@ -93,7 +93,7 @@ def grpo(scores: torch.Tensor, mask: torch.Tensor, groups: Groups, eps: float = 
 
 
 def dr_grpo(scores: torch.Tensor, mask: torch.Tensor, groups: Groups) -> Advantages:
-    """Dr. GRPO advantage (Liu et al. 2025, arXiv 2503.20783, eq. 3 and section 3.1):
+    """Dr. GRPO advantage (Liu et al. 2025, arXiv 2503.20783, the Dr. GRPO objective):
 
         A_i = r_i - mean(r_group)
 
@@ -106,7 +106,7 @@ def dr_grpo(scores: torch.Tensor, mask: torch.Tensor, groups: Groups) -> Advanta
 
 
 def rloo(scores: torch.Tensor, mask: torch.Tensor, groups: Groups) -> Advantages:
-    """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740, eq. 6):
+    """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740, the RLOO estimator):
 
         A_i = r_i - 1/(K-1) sum_{j != i} r_j  =  K/(K-1) (r_i - mean(r_group))
 
@@ -136,7 +136,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                  reduce: Optional[Reduce] = None, eps: float = 1e-8) -> Advantages:
-    """REINFORCE++ (Hu 2025, arXiv 2501.03262, eqs. 5-7): critic-free returns, globally whitened.
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262): critic-free returns, globally whitened.
 
         G_t = sum_{s >= t} gamma^(s-t) r_s,   r_s = -beta KL_s (+ the score on the last token)
         A_t = (G_t - mean(G)) / std(G)        mean and unbiased std over EVERY real token of the
@@ -159,7 +159,7 @@ def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
 
 
 def dynamic_sampling_filter(scores: torch.Tensor, groups: Groups, tol: float = 0.0) -> Tuple[torch.Tensor, int]:
-    """DAPO dynamic sampling (Yu et al. 2025, arXiv 2503.14476, eq. 11 and section 3.2).
+    """DAPO dynamic sampling (Yu et al. 2025, arXiv 2503.14476, "Dynamic Sampling").
 
     A group whose rewards are all equal (max - min <= tol) has zero group-relative advantage and
     so no gradient; drop it. scores: (B,) -> (kept row indices (N,) long, in order; number of

@@ -4,9 +4,9 @@ Papers:
   - Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv 1707.06347, eq. 7.
   - Shao et al. 2024, "DeepSeekMath" (GRPO), arXiv 2402.03300, eq. 3 (per-sequence token mean)
     and eq. 4 (the k3 KL estimator as a loss term).
-  - Yu et al. 2025, "DAPO", arXiv 2503.14476, eq. 10 (clip-higher) and eq. 12 (token-level loss).
+  - Yu et al. 2025, "DAPO", arXiv 2503.14476, "Clip-Higher" and "Token-Level Policy Gradient Loss".
   - Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO), arXiv 2503.20783,
-    section 3.1 (no per-sequence length normalisation).
+    the Dr. GRPO objective (no per-sequence length normalisation).
 
 Conventions as in rlhf/ppo_math.py: (B, T) tensors cover response tokens only, ``mask`` is 1 for
 real tokens and 0 for right padding. Pure torch: nothing here talks to other ranks; the caller
@@ -31,7 +31,7 @@ from rlhf.ppo_math import clipped_surrogate, compute_rewards, kl_estimate
 
 Number = Union[float, int, torch.Tensor]
 
-# token_mean:          sum_i sum_t l_it / (tokens in the batch)       every token weighs the same (DAPO eq. 12)
+# token_mean:          sum_i sum_t l_it / (tokens in the batch)       every token weighs the same (DAPO)
 # seq_mean_token_sum:  sum_i sum_t l_it / (sequences in the batch)    no length normalisation (Dr. GRPO)
 # seq_mean_token_mean: sum_i (sum_t l_it / |o_i|) / (sequences)       every response weighs the same (GRPO eq. 3)
 AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
@@ -84,7 +84,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     """PPO / GRPO / DAPO clipped policy loss. logprobs, old_logprobs, advantages, mask: (B, T).
 
     loss_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high)), r_t = exp(logp - logp_old)
-    (arXiv 1707.06347 eq. 7; clip_high > clip_low is DAPO's clip-higher, arXiv 2503.14476 eq. 10),
+    (arXiv 1707.06347 eq. 7; clip_high > clip_low is DAPO's clip-higher, arXiv 2503.14476),
     reduced by ``aggregate``. Returns the scalar loss and the detached stats of
     ``rlhf.ppo_math.clipped_surrogate`` (clipfrac, approx_kl, ratio).
     """

@@ -282,7 +282,7 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))
     (PPO, arXiv 1707.06347, eq. 7, negated). ``clip_high=None`` is the symmetric PPO clip
     (clip_high = clip_low). A larger ``clip_high`` is DAPO's "clip-higher" (Yu et al. 2025,
-    arXiv 2503.14476, eq. 10 and section 3.1): low-probability tokens with A > 0 may grow further
+    arXiv 2503.14476, "Clip-Higher"): low-probability tokens with A > 0 may grow further
     before their gradient is cut, which keeps entropy from collapsing.
 
     Stats (detached, masked token means over THIS micro-batch):
