@@ -9,13 +9,15 @@ dominate a small model's decode):
   - the KV cache is allocated once (transformers.StaticCache) and written in place, instead of
     concatenated onto at every step (aten::cat was 18% of a SmolLM2-135M decode step);
   - the prefill computes logits for the last prompt position only;
-  - top-p sampling looks at the `candidates` most likely tokens (a top-k, no full-vocabulary
-    sort), falling back to the full sort for a row whose candidates hold less than top_p mass;
+  - top-p sampling finds the nucleus among the `candidates` most likely tokens (a top-k, no
+    full-vocabulary sort), falling back to the full sort for a row whose candidates hold less
+    than top_p mass;
   - the loop stops when every row has produced EOS.
 
 Distribution: temperature, then top-p (the nucleus: the smallest set of most likely tokens
 whose probability reaches top_p, renormalised; transformers' TopPLogitsWarper), then one
-multinomial draw per row; top_k is not supported (0, as align.generation passes). Rows are
+multinomial draw per row over the vocabulary, as `generate` draws: with the same torch seed the
+two give the same tokens (up to float rounding at a draw's boundary); top_k is not supported (0, as align.generation passes). Rows are
 left-padded prompts; positions count real tokens only, as `generate` and the trainer's right-
 padded forwards do. `return_logprobs=True` also returns log p_T(token) of every sampled token
 under the temperature-scaled, unfiltered distribution: the trainer's convention
@@ -61,8 +63,9 @@ def sample_next(logits: torch.Tensor, do_sample: bool = True, temperature: float
     if top_p >= 1.0:
         return torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
     probs, idx = nucleus_probs(scaled, top_p, candidates)
-    pick = torch.multinomial(probs, 1, generator=generator)
-    return idx.gather(1, pick).squeeze(1)
+    # One draw over the whole vocabulary, as generate makes it: the same seed gives the same tokens.
+    full = torch.zeros_like(scaled).scatter_(1, idx, probs)
+    return torch.multinomial(full, 1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()

@@ -43,6 +43,19 @@ def test_greedy_equals_generate(model):
     assert EOS in ours[1, ids.shape[1]:].tolist()  # one row ends early and is padded after EOS
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9), (1.3, 0.5)])
+def test_same_seed_same_tokens_as_generate(model, temperature, top_p):
+    """The same distribution and the same random draws: sampling gives generate's very tokens."""
+    ids, mask = left_padded(PROMPTS)
+    torch.manual_seed(3)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                            temperature=temperature, top_p=top_p, top_k=0, eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(3)
+    ours = fast_generate(model, ids, mask, 12, temperature=temperature, top_p=top_p, eos_token_id=EOS,
+                         pad_token_id=PAD)
+    assert ours.tolist() == theirs.tolist()
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_logprobs_equal_the_trainers(model, temperature, top_p):
     ids, mask = left_padded(PROMPTS)
