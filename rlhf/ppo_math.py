@@ -270,15 +270,17 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
 # --------------------------------------------------------------------------- losses
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float = 0.2, aggregation: str = "token", num_tokens: Optional[Number] = None,
-                num_sequences: Optional[Number] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, eq. 7), as a loss to minimise.
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_low: float = 0.2, clip_high: Optional[float] = None,
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-token PPO clipped surrogate loss, before aggregation. All inputs (B, T) -> (B, T).
 
     ratio = exp(logprobs - old_logprobs);
-    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)), aggregated by
-    ``masked_aggregate`` (see there for ``num_tokens`` across micro-batches and ranks).
-    logprobs, old_logprobs, advantages, mask: (B, T) -> scalar loss.
+    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))
+    (PPO, arXiv 1707.06347, eq. 7, negated). ``clip_high=None`` is the symmetric PPO clip
+    (clip_high = clip_low). A larger ``clip_high`` is DAPO's "clip-higher" (Yu et al. 2025,
+    arXiv 2503.14476, "Clip-Higher"): low-probability tokens with A > 0 may grow further
+    before their gradient is cut, which keeps entropy from collapsing.
 
     Stats (detached, masked token means over THIS micro-batch):
       clipfrac: fraction of tokens where the clipped term is strictly larger, i.e. clipping is
@@ -286,19 +288,37 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
       approx_kl: 0.5 * mean((logprobs - old_logprobs)^2), the k2 estimator of KL(pi_old || pi);
       ratio: mean of ratio.
     """
+    clip_high = clip_low if clip_high is None else clip_high
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
-    loss = masked_aggregate(per_token, mask, aggregation, num_tokens, num_sequences)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(per_token.dtype), mask),
             "approx_kl": 0.5 * masked_mean(log_ratio * log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
-    return loss, stats
+    return per_token, stats
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float = 0.2, aggregation: str = "token", num_tokens: Optional[Number] = None,
+                num_sequences: Optional[Number] = None, clip_range_high: Optional[float] = None,
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, eq. 7), as a loss to minimise.
+
+    ratio = exp(logprobs - old_logprobs);
+    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps_high)), aggregated by
+    ``masked_aggregate`` (see there for ``num_tokens`` across micro-batches and ranks).
+    eps = clip_range; eps_high = clip_range_high, or clip_range when None (DAPO's asymmetric
+    clip otherwise, see ``clipped_surrogate``; rlhf/policy_loss.py has the other aggregations).
+    logprobs, old_logprobs, advantages, mask: (B, T) -> scalar loss, and the stats of
+    ``clipped_surrogate`` (clipfrac, approx_kl, ratio).
+    """
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range, clip_range_high)
+    return masked_aggregate(per_token, mask, aggregation, num_tokens, num_sequences), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

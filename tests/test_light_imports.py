@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 # Pure torch + standard library.
-TORCH_ONLY = ["direct.losses", "rlhf.ppo_math", "reward_model.loss", "align.models.logprobs"]
+TORCH_ONLY = ["direct.losses", "rlhf.ppo_math", "reward_model.loss", "align.models.logprobs",
+              "rlhf.advantages", "rlhf.policy_loss"]
 # May use omegaconf and the standard library, never DeepSpeed or Ray.
-NO_DISTRIBUTED = TORCH_ONLY + ["align.config", "align.task.synthetic", "align.data"]
+NO_DISTRIBUTED = TORCH_ONLY + ["align.config", "align.task.synthetic", "align.data", "align.task.json_records",
+                               "reward_model.rewards"]
 
 
 def imported_after(modules):

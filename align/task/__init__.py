@@ -23,7 +23,7 @@ GoldScorer = Callable[[str, str], float]
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_TASK = "synthetic"
 # task name -> module implementing it
-TASKS: Dict[str, str] = {"synthetic": "align.task.synthetic"}
+TASKS: Dict[str, str] = {"synthetic": "align.task.synthetic", "json_records": "align.task.json_records"}
 
 
 def parse_builtin(path: str) -> Optional[Tuple[str, str]]:
