@@ -100,7 +100,43 @@ def _read(label: str, *args, **kwargs) -> datasets.Dataset:
 def _read_file(path: str, label: str) -> datasets.Dataset:
     if os.path.getsize(path) == 0:
         raise DataError(label, "empty file (no rows)")
-    return _read(label, FILE_BUILDERS[os.path.splitext(path)[1]], data_files=path, split="train")
+    builder = FILE_BUILDERS[os.path.splitext(path)[1]]
+    try:
+        return _read(label, builder, data_files=path, split="train")
+    except DataError:
+        # Arrow's messages name no line, or a row counted inside its read block: find the line.
+        line_error = _json_line_error(path, label) if builder == "json" else None
+        if line_error is not None:
+            raise line_error from None
+        raise
+
+
+def _json_line_error(path: str, label: str) -> Optional[DataError]:
+    """The first line of a JSON / JSON Lines file that is not valid UTF-8 or JSON, or None."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if path.endswith(".json"):  # one JSON document, or JSON Lines under a .json name
+        try:
+            json.loads(data)
+            return None
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            return DataError(label, f"line {line}: not valid UTF-8 text ({err.reason})")
+        except json.JSONDecodeError as err:
+            if not err.msg.startswith("Extra data"):
+                return DataError(label, f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})")
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            return DataError(label, f"line {number}: not valid UTF-8 text ({err.reason} at byte {err.start})")
+        except json.JSONDecodeError as err:
+            return DataError(label, f"line {number}: not valid JSON ({err.msg}, column {err.colno})")
+        if not isinstance(row, dict):
+            return DataError(label, f"line {number}: expected a JSON object, got {type(row).__name__}")
+    return None
 
 
 def _instruction(source: SourceConfig) -> datasets.ReadInstruction:
