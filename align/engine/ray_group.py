@@ -138,7 +138,9 @@ class ActorGroup:
         self.pg = pg or placement_group([bundle] * self.world_size, strategy=cfg.placement_strategy)
         with announce_wait(f"Ray to place group '{name}': {self.world_size} actors of {bundle} "
                            f"(cluster has {ray.cluster_resources()}; gives up after 120 s)"):
-            placed = self.pg.wait(timeout_seconds=120)
+            placed, give_up = False, time.monotonic() + 120
+            while not placed and time.monotonic() < give_up:  # in slices, for Ctrl-C
+                placed = self.pg.wait(timeout_seconds=1)
         if not placed:
             remove_placement_group(self.pg)
             raise GroupError(name, -1, f"Ray could not place {self.world_size} actors of {bundle} "
@@ -186,9 +188,12 @@ class ActorGroup:
         pending = list(refs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # Waits in slices: ray.wait blocks in C and Ctrl-C is handled only when it returns.
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
             ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
             if not ready:
+                if deadline is None or time.monotonic() < deadline:
+                    continue
                 self.kill()
                 raise GroupError(self.name, -1, f"no answer within {timeout} s")
             err = _error_of(ready[0])
@@ -233,6 +238,7 @@ class ActorGroup:
                 pass
 
 
+_POLL_S = 0.5  # how often a wait for actors lets the driver handle Ctrl-C
 # After a rank fails, how long to wait for the other ranks' failures before choosing the cause.
 FAILURE_GRACE_S = 2.0
 _COMMUNICATION_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out")
