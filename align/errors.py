@@ -60,9 +60,10 @@ def debug_requested(argv: list) -> tuple:
     """(argv without `--debug`, whether tracebacks were asked for by --debug or ALIGN_DEBUG=1)."""
     import os
 
-    flag = "--debug" in argv
-    env = os.environ.get("ALIGN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-    return [a for a in argv if a != "--debug"], flag or env
+    if "--debug" in argv:
+        os.environ["ALIGN_DEBUG"] = "1"  # for the commands this one runs (align-run main -> pipeline)
+    debug = os.environ.get("ALIGN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return [a for a in argv if a != "--debug"], debug
 
 
 def user_error_of(err: BaseException):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -83,6 +84,9 @@ def locate(path: str, seed: int) -> Tuple[str, str]:
 
 def _read(label: str, *args, **kwargs) -> datasets.Dataset:
     """`datasets.load_dataset`, with its failures turned into a DataError naming the source."""
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs each failure before raising it; we report it once
     try:
         ds = datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many types; the user needs the file and cause
@@ -92,6 +96,8 @@ def _read(label: str, *args, **kwargs) -> datasets.Dataset:
         if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
             raise DataError(label, "empty file (no rows)") from None
         raise DataError(label, f"cannot be read: {type(cause).__name__}: {cause}") from None
+    finally:
+        quiet.setLevel(level)
     if len(ds) == 0:
         raise DataError(label, "empty file (no rows)")
     return ds
@@ -124,7 +130,7 @@ def _json_line_error(path: str, label: str) -> Optional[DataError]:
             return DataError(label, f"line {line}: not valid UTF-8 text ({err.reason})")
         except json.JSONDecodeError as err:
             if not err.msg.startswith("Extra data"):
-                return DataError(label, f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})")
+                return DataError(label, f"line {err.lineno}: {_json_problem(err)}")
     rows = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
@@ -134,11 +140,15 @@ def _json_line_error(path: str, label: str) -> Optional[DataError]:
         except UnicodeDecodeError as err:
             return DataError(label, f"line {number}: not valid UTF-8 text ({err.reason} at byte {err.start})")
         except json.JSONDecodeError as err:
-            return DataError(label, f"line {number}: not valid JSON ({err.msg}, column {err.colno})")
+            return DataError(label, f"line {number}: {_json_problem(err)}")
         if not isinstance(row, dict):
             return DataError(label, f"line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return _mixed_type_error(label, rows)
+
+
+def _json_problem(err: json.JSONDecodeError) -> str:
+    return f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
 
 
 _JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true/false", list: "a list",

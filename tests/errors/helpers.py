@@ -62,7 +62,10 @@ def stage_config(tmp_path, data_path: str, name: str = "dpo.yaml", **extra) -> s
         "run_dir": str(tmp_path / "run"),
     }
     for key, value in extra.items():
-        cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
     path = tmp_path / name
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return str(path)

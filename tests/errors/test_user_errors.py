@@ -29,7 +29,7 @@ def bad_file(tmp_path, case):
             try:
                 json.loads(lines[3000])
             except json.JSONDecodeError as err:
-                expected = f"line 3001: not valid JSON ({err.msg}, column {err.colno})"
+                expected = f"line 3001: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
             data = "\n".join(lines).encode() + b"\n"
         else:  # cut inside a multi-byte character, as a truncated download would be
             lines[3000] = json.dumps({**rows[3000], "chosen": "Très bien"}, ensure_ascii=False)
@@ -47,7 +47,7 @@ def bad_file(tmp_path, case):
         expected = where + "field 'rejected': missing" + SUFFIX
     elif case == "wrong_type":
         row["chosen"] = 5
-        expected = where + "field 'chosen': expected a string (as in most rows), got a number" + SUFFIX
+        expected = where + "field 'chosen': expected a string, got int" + SUFFIX
     elif case == "identical":
         row["rejected"] = row["chosen"]
         expected = where + "field 'rejected': identical to 'chosen'" + SUFFIX
@@ -138,10 +138,9 @@ def test_ranking_row_with_a_bad_field(cli, tmp_path):
     rows = [{"prompt": f"p{i}", "responses": ["a", "b", "c"], "scores": [3, 2, 1]} for i in range(50)]
     rows[7]["scores"] = [3, "high", 1]
     path = write_jsonl(tmp_path / "rank.jsonl", rows)
-    config = stage_config(tmp_path, path, name="rm.yaml", data_kind="ranking")
+    config = stage_config(tmp_path, path, name="rm.yaml", data_kind="ranking", final_samples=None)
     result = cli("align-run", "reward_model", "--config", config)
-    assert_one_line(result, f"error: {path}: row 7, field 'scores': expected a number (as in most rows), "
-                            "got a string" + SUFFIX)
+    assert_one_line(result, f"error: {path}: row 7, field 'scores[1]': expected a finite number, got 'high'" + SUFFIX)
     rows[7]["scores"] = [3, 3, 1]
     write_jsonl(path, rows)
     assert_one_line(cli("align-run", "reward_model", "--config", config),
