@@ -131,7 +131,6 @@ def _json_line_error(path: str, label: str) -> Optional[DataError]:
         except json.JSONDecodeError as err:
             if not err.msg.startswith("Extra data"):
                 return DataError(label, f"line {err.lineno}: {_json_problem(err)}")
-    rows = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -143,28 +142,11 @@ def _json_line_error(path: str, label: str) -> Optional[DataError]:
             return DataError(label, f"line {number}: {_json_problem(err)}")
         if not isinstance(row, dict):
             return DataError(label, f"line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return _mixed_type_error(label, rows)
+    return None
 
 
 def _json_problem(err: json.JSONDecodeError) -> str:
     return f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
-
-
-_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true/false", list: "a list",
-               dict: "an object"}
-
-
-def _mixed_type_error(label: str, rows: List[dict]) -> Optional[DataError]:
-    """Arrow needs one type per column: the first row whose field has another type than most rows."""
-    for field in dict.fromkeys(k for row in rows for k in row):
-        kinds = [_JSON_TYPES.get(type(row.get(field)), "null") for row in rows]
-        present = [k for k in kinds if k != "null"]
-        if len(set(present)) > 1:
-            usual = max(set(present), key=present.count)
-            i = next(i for i, k in enumerate(kinds) if k not in (usual, "null"))
-            return DataError(label, f"expected {usual} (as in most rows), got {kinds[i]}", i, field, "wrong_type")
-    return None
 
 
 def _instruction(source: SourceConfig) -> datasets.ReadInstruction:
