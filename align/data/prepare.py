@@ -221,6 +221,7 @@ def prepare_stage(cfg: Any) -> None:
     jobs = stage_data(cfg)
     if not jobs:
         return
+    check_data(cfg)  # rows first: a bad row is reported without loading a tokenizer (~1-2 s)
     tokenizer = tokenizer_for(cfg)
     with _quiet_progress():
         for data_cfg, kind in jobs:

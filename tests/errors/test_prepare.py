@@ -63,3 +63,20 @@ def test_ten_thousand_pairwise_rows_check_in_five_seconds(tmp_path, builtin_toke
           f"{prepare_s:.2f} s (cpus: {os.cpu_count()})")
     assert len(train) == 10_000
     assert check_s <= 5.0
+
+
+@pytest.mark.parametrize("stage, kinds", [
+    ("sft", ["sft"]), ("reward_model", ["pairwise"]), ("dpo", ["pairwise", "prompt"]), ("kto", ["binary", "prompt"]),
+    ("ppo", ["prompt"]),
+])
+def test_the_driver_prepares_what_each_stage_loads(stage, kinds):
+    """The (data, kind) pairs the driver prepares are the ones each stage's workers load."""
+    from align.config import load_config
+    from launch.cli import STAGES, config_class
+
+    cfg = load_config(config_class(stage), STAGES[stage][1], ["reward_model=x"] if stage == "ppo" else [])
+    jobs = prep.stage_data(cfg)
+    assert [kind for _, kind in jobs] == kinds
+    assert jobs[0][0] == cfg.data
+    if len(jobs) > 1:  # direct.common.load_prompts: the held-out prompts as their own training split
+        assert jobs[1][0].train == [cfg.eval_prompts] and jobs[1][0].eval == [] and not jobs[1][0].packing
