@@ -144,7 +144,8 @@ def stage_data(cfg: Any) -> List[Tuple[DataConfig, str]]:
 
 def _model_paths(cfg: Any) -> List[Tuple[str, str]]:
     model = getattr(cfg, "model", None)
-    out = [("model.name_or_path", getattr(model, "name_or_path", None)), ("model.tokenizer", getattr(model, "tokenizer", None))]
+    out = [("model.name_or_path", getattr(model, "name_or_path", None)),
+           ("model.tokenizer", getattr(model, "tokenizer", None))]
     out += [(key, getattr(cfg, key, None)) for key in ("reference", "reward_model", "value_model", "reference_model")]
     return [(k, v) for k, v in out if isinstance(v, str) and v]
 

@@ -19,7 +19,8 @@ def test_json_array_names_the_line(tmp_path):
     path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + ",\n{\"prompt\": \"x\",,}\n]\n")
     with pytest.raises(DataError) as err:
         load(path)
-    assert str(err.value) == f"{path}: line 5: not valid JSON (Expecting property name enclosed in double quotes at column 16)"
+    assert str(err.value) == (f"{path}: line 5: not valid JSON "
+                              "(Expecting property name enclosed in double quotes at column 16)")
 
 
 def test_an_object_where_rows_have_a_string(tmp_path):

@@ -53,4 +53,5 @@ def test_group_error_lines():
                                         "'rejected': identical to 'chosen' (rows are numbered from 0)")
     assert fields(user_error_of(err)) == fields(DATA) and err.user_error.row == 17
     assert user_error_of(ERRORS[8]) is None
-    assert str(MissingExtraError("x", "pip install y")) == "x needs packages that are not installed; install them with: pip install y"
+    assert str(MissingExtraError("x", "pip install y")) == \
+        "x needs packages that are not installed; install them with: pip install y"

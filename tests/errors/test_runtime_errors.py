@@ -49,7 +49,8 @@ def test_checkpoint_write_fails_halfway_then_resumes(tmp_path, op_dir_with_stale
     # The write of step 4 raises after DeepSpeed wrote the model and optimizer, before the rename.
     failed = run_command("align-run", *args, env={"ALIGN_FAULT": "checkpoint@4"})
     assert failed.rc == 1, failed.stderr
-    assert failed.lines[-1] == "error: group 'sft' rank 0 failed: RuntimeError: fault injected by ALIGN_FAULT=checkpoint@4"
+    assert failed.lines[-1] == ("error: group 'sft' rank 0 failed: "
+                                "RuntimeError: fault injected by ALIGN_FAULT=checkpoint@4")
     assert latest(run_dir) == "step2"
     assert os.path.isdir(run_dir / "checkpoints" / "step4.tmp")  # the half-written save, never `latest`
     # The rerun resumes from step 2; the stale build lock (a killed compile) is cleared, not waited on.
