@@ -201,8 +201,9 @@ def tokenizer_for(cfg: Any):
     try:
         return build_tokenizer(cfg.model)
     except OSError as err:  # transformers: not found, not a model folder, no network
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
         name = cfg.model.tokenizer or cfg.model.name_or_path
-        raise ModelSourceError(f"model.name_or_path: cannot load a tokenizer from {name}: "
+        raise ModelSourceError(f"{key}: cannot load a tokenizer from {name}: "
                                f"{' '.join(str(err).split())}") from None
 
 
