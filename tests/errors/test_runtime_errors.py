@@ -128,6 +128,7 @@ def test_ctrl_c_stops_everything_and_the_rerun_resumes(tmp_path, command):
     finally:
         if proc.poll() is None:
             proc.kill()
+    print(f"{command}: SIGINT to exit {elapsed:.1f} s")
     assert proc.returncode == 130, stderr
     assert elapsed < 10, elapsed
     assert stderr.strip().splitlines()[-1] == \
