@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -32,6 +33,11 @@ log = logging.getLogger("align.stage")
 
 def load_tokenized(data_cfg: DataConfig, kind: str, tokenizer, seed: int):
     """(train, eval or None, report) tokenized rows; rank 0 fills the datasets cache first."""
+    from align.data.prepare import load_prepared
+
+    prepared = load_prepared(data_cfg, kind, tokenizer, seed)  # checked and cached by the driver
+    if prepared is not None:
+        return prepared
     from align.data.errors import DataReport
     from align.data.sources import load_splits
     from align.data.tokenize import tokenize_rows
@@ -214,21 +220,32 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
 
 
 def stage_main(argv: Optional[Sequence[str]], config_cls, run_fn: Callable, description: str) -> int:
-    """`python -m <stage> [--config FILE] [key=value ...]` for any stage."""
+    """`python -m <stage> [--config FILE] [--debug] [key=value ...]` for any stage.
+
+    The config, the model paths and the data are checked here, before Ray starts; a user's
+    mistake prints one line and exits 2, Ctrl-C exits 130 (see `align.errors.cli_main`).
+    """
+    from align.errors import cli_main
+
+    return cli_main(lambda args: _stage_main(args, config_cls, run_fn, description),
+                    list(sys.argv[1:] if argv is None else argv))
+
+
+def _stage_main(argv: Sequence[str], config_cls, run_fn: Callable, description: str) -> int:
     import argparse
     import json
 
-    from align.config import ConfigError, load_config
+    from align.config import load_config
+    from align.data.prepare import prepare_stage
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also ALIGN_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
+    cfg = load_config(config_cls, args.config, args.overrides)
+    prepare_stage(cfg)  # quiet: nothing is printed before a user's mistake
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(config_cls, args.config, args.overrides)
-    except ConfigError as err:
-        parser.exit(2, f"config error: {err}\n")
     summary = run_fn(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0

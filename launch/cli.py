@@ -1,6 +1,8 @@
 """`align-run STAGE [--config FILE] [key=value ...]`: run one stage, or `main`, the default job.
 
 Stages: sft, reward_model, dpo, kto, ppo (each also runs as `python -m <module>`).
+A mistake in the config, the data or a model path prints one line, `error: ...`, and exits 2
+before anything starts; a failure while running exits 1; Ctrl-C stops every actor and exits 130.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 from typing import List, Optional
+
+from align.errors import ConfigError
 
 # stage -> (module, default config, config class in that module)
 STAGES = {
@@ -20,41 +24,31 @@ STAGES = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from align.errors import cli_main
+
+    return cli_main(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: List[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("main: the embedded default job (currently the SFT stage on the built-in task)")
+        print("main: the embedded default job, the pipeline of configs/pipeline/default.yaml "
+              "(align-pipeline --help)")
+        print("--debug (or ALIGN_DEBUG=1): show the traceback of a failure")
         return 0
     name, rest = argv[0], argv[1:]
     if name == "main":
-        pipeline = _optional("launch.pipeline")
-        if pipeline is not None:
-            return pipeline.main(rest)
-        name = "sft"
-        rest = ["--config", STAGES["sft"][1], *rest] if "--config" not in rest else rest
+        from launch import pipeline
+
+        return pipeline.main(rest)
     if name not in STAGES:
-        print(f"unknown stage {name!r}; choose from {sorted(STAGES)} or 'main'", file=sys.stderr)
-        return 2
-    module = _optional(STAGES[name][0])
-    if module is None:
-        print(f"stage {name!r} is not available in this version", file=sys.stderr)
-        return 2
-    return module.main(rest)
+        raise ConfigError(f"command line: unknown stage {name!r}; choose from {sorted(STAGES)} or 'main'")
+    return importlib.import_module(STAGES[name][0]).main(rest)
 
 
 def config_class(stage: str):
-    """The config dataclass of `stage`, or None when the stage is not in this version."""
-    module = _optional(STAGES[stage][0])
-    return getattr(module, STAGES[stage][2], None) if module is not None else None
-
-
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name == module:
-            return None
-        raise
+    """The config dataclass of `stage`."""
+    return getattr(importlib.import_module(STAGES[stage][0]), STAGES[stage][2])
 
 
 if __name__ == "__main__":

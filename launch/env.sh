@@ -25,3 +25,12 @@ source "$VENV/bin/activate"
 # One thread per rank is set by the engine; outside it, use the machine's cores.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export TOKENIZERS_PARALLELISM=false
+# DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) on first use, inside a run,
+# under a file lock that an interrupted build leaves behind. Build it here, once per venv (about
+# 20-60 s), into the venv's own folder (ops built against another venv's torch would be rebuilt),
+# so no run compiles anything.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
+if [ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ] && [ -z "${ALIGN_SKIP_OP_BUILD:-}" ]; then
+  echo "[env] building DeepSpeed's CPU ops in $TORCH_EXTENSIONS_DIR (once, about a minute)" >&2
+  "$VENV/bin/python" -m align.engine.build_ops >&2
+fi

@@ -105,8 +105,6 @@ def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra:
     if spec.stage not in STAGES:
         raise ConfigError(f"stages.{name}.stage: {spec.stage!r} is not one of {sorted(STAGES)}")
     cls = config_class(spec.stage)
-    if cls is None:
-        raise ConfigError(f"stages.{name}.stage: stage {spec.stage!r} is not available in this version")
     overrides = _flatten("", spec.overrides)
     overrides += [f"{key}={models[upstream]}" for key, upstream in spec.inputs.items()]
     overrides += [f"run_dir={os.path.join(pipe.run_root, name)}", f"tracking.group={pipe.name}"]
@@ -124,7 +122,10 @@ def _as_dict(obj: Any) -> Dict[str, Any]:
 def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from: Optional[str] = None,
                  only: Optional[str] = None) -> Dict[str, Any]:
     """Runs the stages, the evaluation and the report; returns the report's paths and rows."""
-    from launch.cli import STAGES, _optional
+    import importlib
+
+    from align.data.prepare import prepare_stage
+    from launch.cli import STAGES
 
     names = order(pipe.stages)
     for flag, value in (("--from", start_from), ("--only", only)):
@@ -145,7 +146,8 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
                 raise ConfigError(f"--only {only}: upstream stage {name!r} has not finished in {cfg.run_dir}")
             summaries[name], models[name] = done, done["model_dir"]
             continue
-        module = _optional(STAGES[pipe.stages[name].stage][0])
+        module = importlib.import_module(STAGES[pipe.stages[name].stage][0])
+        prepare_stage(cfg)  # its upstream models exist now: check them, tokenize its data
         log.info("stage %s (%s) -> %s", name, pipe.stages[name].stage, cfg.run_dir)
         summary = module.run(cfg, reuse=name not in forced, group=pipe.name)
         summaries[name], models[name] = summary, summary["model_dir"]
@@ -160,26 +162,49 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
     return result
 
 
+def check_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), only: Optional[str] = None) -> None:
+    """Before any stage starts: every stage's config resolves, its model paths that no upstream
+    stage produces exist, and every row of its data passes the checks (tokenizer-dependent
+    checks, such as a prompt's length, run just before the stage, when its tokenizer exists)."""
+    from align.data.prepare import check_data, check_models
+
+    names = order(pipe.stages)
+    if only is not None and only not in names:
+        raise ConfigError(f"--only: no stage named {only!r}; stages are {names}")
+    per_stage = {n: [o.split(".", 1)[1] for o in overrides if o.startswith(n + ".")] for n in names}
+    models = {n: os.path.join(pipe.run_root, n, "model") for n in names}  # RunDir(run_dir).model
+    for name in names:
+        cfg = stage_config(pipe, name, models, per_stage[name])
+        if only is not None and name != only:
+            continue
+        check_models(cfg, skip=tuple(pipe.stages[name].inputs))
+        check_data(cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from align.errors import cli_main
+
+    return cli_main(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pipeline/default.yaml")
     parser.add_argument("--from", dest="start_from", help="rerun this stage and every stage after it")
     parser.add_argument("--only", help="run only this stage (its upstream stages must have finished)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also ALIGN_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, shared.key=value or pipeline key=value")
     args = parser.parse_args(argv)
+    pipe_overrides = [o for o in args.overrides if "=" in o and o.split("=", 1)[0].split(".")[0]
+                      in ("name", "run_root", "shared", "evaluation", "tracking", "ray")]
+    pipe = load_config(PipelineConfig, args.config, pipe_overrides)
+    stage_overrides = [o for o in args.overrides if o not in pipe_overrides]
+    unknown = [o for o in stage_overrides if o.split(".", 1)[0] not in pipe.stages]
+    if unknown:
+        raise ConfigError(f"command line: {unknown} name no stage of {sorted(pipe.stages)} and no pipeline key")
+    check_pipeline(pipe, stage_overrides, args.only)  # quiet: nothing is printed before a mistake
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        pipe_overrides = [o for o in args.overrides if "=" in o and o.split("=", 1)[0].split(".")[0]
-                          in ("name", "run_root", "shared", "evaluation", "tracking", "ray")]
-        pipe = load_config(PipelineConfig, args.config, pipe_overrides)
-        stage_overrides = [o for o in args.overrides if o not in pipe_overrides]
-        unknown = [o for o in stage_overrides if o.split(".", 1)[0] not in pipe.stages]
-        if unknown:
-            raise ConfigError(f"command line: {unknown} name no stage of {sorted(pipe.stages)} and no pipeline key")
-        result = run_pipeline(pipe, stage_overrides, args.start_from, args.only)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    result = run_pipeline(pipe, stage_overrides, args.start_from, args.only)
     from launch.report import print_summary
 
     print_summary(result)

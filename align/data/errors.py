@@ -24,7 +24,7 @@ REASONS = (
 
 
 class DataError(UserError, ValueError):
-    """A user's data mistake: `<file>, row <i>, field '<name>': <problem>`.
+    """A user's data mistake: `<file>: row <i>, field '<name>': <problem>`.
 
     Rows are numbered from 0 within the file (or within the split, for a hub dataset).
     `reason` is one of REASONS, or "file" for problems that concern a whole file.
@@ -43,13 +43,14 @@ class DataError(UserError, ValueError):
         self.source, self.row, self.field, self.reason, self.problem = source, row, field, reason, problem
 
     def __str__(self) -> str:
-        where = self.source
+        where = []
         if self.row is not None:
-            where += f", row {self.row}"
+            where.append(f"row {self.row}")
         if self.field is not None:
-            where += f", field '{self.field}'"
+            where.append(f"field '{self.field}'")
         suffix = " (rows are numbered from 0)" if self.row is not None else ""
-        return f"{where}: {self.problem}{suffix}"
+        place = f"{', '.join(where)}: " if where else ""
+        return f"{self.source}: {place}{self.problem}{suffix}"
 
 
 class RowProblem(Exception):
@@ -58,6 +59,9 @@ class RowProblem(Exception):
     def __init__(self, field: str, problem: str, reason: str):
         super().__init__(problem)
         self.field, self.problem, self.reason = field, problem, reason
+
+    def __reduce__(self):  # all three fields survive pickling (datasets' workers, Ray)
+        return (type(self), (self.field, self.problem, self.reason))
 
 
 class DataReport(collections.Counter):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -83,6 +84,9 @@ def locate(path: str, seed: int) -> Tuple[str, str]:
 
 def _read(label: str, *args, **kwargs) -> datasets.Dataset:
     """`datasets.load_dataset`, with its failures turned into a DataError naming the source."""
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs each failure before raising it; we report it once
     try:
         ds = datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many types; the user needs the file and cause
@@ -92,6 +96,8 @@ def _read(label: str, *args, **kwargs) -> datasets.Dataset:
         if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
             raise DataError(label, "empty file (no rows)") from None
         raise DataError(label, f"cannot be read: {type(cause).__name__}: {cause}") from None
+    finally:
+        quiet.setLevel(level)
     if len(ds) == 0:
         raise DataError(label, "empty file (no rows)")
     return ds
@@ -100,7 +106,47 @@ def _read(label: str, *args, **kwargs) -> datasets.Dataset:
 def _read_file(path: str, label: str) -> datasets.Dataset:
     if os.path.getsize(path) == 0:
         raise DataError(label, "empty file (no rows)")
-    return _read(label, FILE_BUILDERS[os.path.splitext(path)[1]], data_files=path, split="train")
+    builder = FILE_BUILDERS[os.path.splitext(path)[1]]
+    try:
+        return _read(label, builder, data_files=path, split="train")
+    except DataError:
+        # Arrow's messages name no line, or a row counted inside its read block: find the line.
+        line_error = _json_line_error(path, label) if builder == "json" else None
+        if line_error is not None:
+            raise line_error from None
+        raise
+
+
+def _json_line_error(path: str, label: str) -> Optional[DataError]:
+    """The first line of a JSON / JSON Lines file that is not valid UTF-8 or JSON, or None."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if path.endswith(".json"):  # one JSON document, or JSON Lines under a .json name
+        try:
+            json.loads(data)
+            return None
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            return DataError(label, f"line {line}: not valid UTF-8 text ({err.reason})")
+        except json.JSONDecodeError as err:
+            if not err.msg.startswith("Extra data"):
+                return DataError(label, f"line {err.lineno}: {_json_problem(err)}")
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            return DataError(label, f"line {number}: not valid UTF-8 text ({err.reason} at byte {err.start})")
+        except json.JSONDecodeError as err:
+            return DataError(label, f"line {number}: {_json_problem(err)}")
+        if not isinstance(row, dict):
+            return DataError(label, f"line {number}: expected a JSON object, got {type(row).__name__}")
+    return None
+
+
+def _json_problem(err: json.JSONDecodeError) -> str:
+    return f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
 
 
 def _instruction(source: SourceConfig) -> datasets.ReadInstruction:

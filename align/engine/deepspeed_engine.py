@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from align.config import ConfigError, DeepSpeedConfig, OptimConfig
+from align.errors import fault_point
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step(\d+)$")
@@ -105,14 +106,35 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# The DeepSpeed ops a CPU run compiles on first use (launch/env.sh builds them at set-up).
+CPU_OPS = ("deepspeed_shm_comm",)
+
+
+def op_build_dir(name: str) -> str:
+    """Where torch builds op `name`: $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<py>_<cpu|cuXY>/<name>."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(name, verbose=False)
+
+
 def init_distributed(backend: str = "auto") -> None:
     """Joins the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
     import deepspeed
 
     if dist.is_initialized():
         return
+    from align.waits import announce_wait, clear_stale_lock
+
     backend = default_backend() if backend == "auto" else backend
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if not torch.cuda.is_available():
+        # On CPU, init_distributed builds (or loads) the deepspeed_shm_comm op under a file lock
+        # that a killed build leaves behind; torch would then wait for ever, silently.
+        for op in CPU_OPS:
+            clear_stale_lock(os.path.join(op_build_dir(op), "lock"))
+    with announce_wait(f"DeepSpeed to join the {backend} process group (rank {os.environ.get('RANK', 0)} of "
+                       f"{os.environ.get('WORLD_SIZE', 1)} at {os.environ.get('MASTER_ADDR')}:"
+                       f"{os.environ.get('MASTER_PORT')}; a first run also compiles its CPU ops)"):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -371,6 +393,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, An
     if dist.is_initialized():
         dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=state, save_latest=False)
+    fault_point("checkpoint", step)  # tests: the write fails halfway (model written, not renamed)
     os.makedirs(os.path.join(ckpt_dir, tmp_tag), exist_ok=True)
     torch.save(rng, _rng_file(ckpt_dir, tmp_tag))
     if dist.is_initialized():

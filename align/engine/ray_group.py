@@ -27,21 +27,32 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from align import errors
 from align.config import RayConfig
+from align.waits import announce_wait
 
 log = logging.getLogger("align.engine")
 
 # Environment every actor inherits from the driver (when set there).
-_FORWARDED_ENV = ("ALIGN_CACHE", "HF_HOME", "HF_DATASETS_CACHE", "TORCH_EXTENSIONS_DIR", "WANDB_MODE",
+_FORWARDED_ENV = ("ALIGN_CACHE", "ALIGN_FAULT", "HF_HOME", "HF_DATASETS_CACHE", "TORCH_EXTENSIONS_DIR", "WANDB_MODE",
                   "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "PYTHONHASHSEED")
 
 
 class GroupError(RuntimeError):
-    """An actor of a group raised or died. `.group`, `.rank` and `.cause` say which and why."""
+    """An actor of a group raised or died. `.group`, `.rank` and `.cause` say which and why.
 
-    def __init__(self, group: str, rank: int, cause: str, details: str = ""):
-        self.group, self.rank, self.cause = group, rank, cause
+    The first line reads `group '<name>' rank <r> failed: <Type>: <message>`; the remote
+    traceback follows. `.user_error` is the user's mistake (a `UserError`, e.g. a data error
+    only an actor could see) when that is what the actor raised: the command line then prints
+    it as one line and exits 2. Pickles with every field (it may cross Ray itself).
+    """
+
+    def __init__(self, group: str, rank: int, cause: str, details: str = "", user_error=None):
+        self.group, self.rank, self.cause, self.details, self.user_error = group, rank, cause, details, user_error
         super().__init__(f"group '{group}' rank {rank} failed: {cause}" + (f"\n{details}" if details else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.group, self.rank, self.cause, self.details, self.user_error))
 
 
 def start_ray(cfg: RayConfig) -> None:
@@ -126,7 +137,12 @@ class ActorGroup:
         # colocated group then asks for a `share` of every bundle (e.g. 0.5 for two groups).
         self._own_pg = pg is None
         self.pg = pg or placement_group([bundle] * self.world_size, strategy=cfg.placement_strategy)
-        if not self.pg.wait(timeout_seconds=120):
+        with announce_wait(f"Ray to place group '{name}': {self.world_size} actors of {bundle} "
+                           f"(cluster has {ray.cluster_resources()}; gives up after 120 s)"):
+            placed, give_up = False, time.monotonic() + 120
+            while not placed and time.monotonic() < give_up:  # in slices, for Ctrl-C
+                placed = self.pg.wait(timeout_seconds=1)
+        if not placed:
             remove_placement_group(self.pg)
             raise GroupError(name, -1, f"Ray could not place {self.world_size} actors of {bundle} "
                                        f"(cluster has {ray.cluster_resources()})")
@@ -150,7 +166,8 @@ class ActorGroup:
 
     def setup(self, factory: Callable, *args, **kwargs) -> None:
         """Starts the process group and builds `factory(*args, **kwargs)` on every rank."""
-        addr, port = self._get([self.actors[0].address.remote()])[0]
+        with announce_wait(f"the actors of group '{self.name}' to start"):
+            addr, port = self._get([self.actors[0].address.remote()])[0]
         refs = [a.setup.remote(addr, port, self.backend, factory, args, kwargs) for a in self.actors]
         self.nodes, self.node_ids = (list(x) for x in zip(*self._get(refs)))
 
@@ -185,9 +202,12 @@ class ActorGroup:
         pending = list(refs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # Waits in slices: ray.wait blocks in C and Ctrl-C is handled only when it returns.
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
             ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
             if not ready:
+                if deadline is None or time.monotonic() < deadline:
+                    continue
                 self.kill()
                 raise GroupError(self.name, -1, f"no answer within {timeout} s")
             err = _error_of(ready[0])
@@ -200,7 +220,7 @@ class ActorGroup:
                 rank, err = min(failures, key=lambda f: _failure_kind(f[1]))
                 cause, details = _describe_failure(err)
                 self.kill()
-                raise GroupError(self.name, rank, cause, details) from None
+                raise GroupError(self.name, rank, cause, details, _user_error(err)) from None
         return ray.get(list(refs))
 
     # -- shutting down ------------------------------------------------------------------------
@@ -208,6 +228,9 @@ class ActorGroup:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Tears the process group down on every rank, then ends the actors."""
         if not self.actors:
+            return
+        if errors.INTERRUPTED:  # Ctrl-C: a polite teardown would wait behind the running step
+            self.kill()
             return
         try:
             ray.get([a.teardown.remote() for a in self.actors], timeout=timeout)
@@ -229,6 +252,7 @@ class ActorGroup:
                 pass
 
 
+_POLL_S = 0.5  # how often a wait for actors lets the driver handle Ctrl-C
 # After a rank fails, how long to wait for the other ranks' failures before choosing the cause.
 FAILURE_GRACE_S = 2.0
 _COMMUNICATION_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out")
@@ -262,6 +286,12 @@ def _more_failures(refs: List[Any], pending: List[Any], grace: float) -> List[tu
             if err is not None:
                 found.append((refs.index(ref), err))
     return found
+
+
+def _user_error(err: Exception):
+    """The UserError an actor raised (Ray hands it back as RayTaskError.cause), or None."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, errors.UserError) else None
 
 
 def _describe_failure(err: Exception) -> tuple:

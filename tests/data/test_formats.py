@@ -90,7 +90,7 @@ def test_binary_and_prompt_rows(write, make_cfg):
 
 
 GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
-# (kind, bad row placed at index 1, the error's text after "<file>, row 1, ", its drop reason)
+# (kind, bad row placed at index 1, the error's text after "<file>: row 1, ", its drop reason)
 BAD_ROWS = [
     ("pairwise", {"prompt": "p", "chosen": "a"}, "field 'rejected': missing", "missing_field"),
     ("pairwise", {"prompt": "p", "chosen": "  ", "rejected": "b"}, "field 'chosen': empty string", "empty_field"),
@@ -129,7 +129,7 @@ def test_bad_rows_name_file_row_and_field(write, make_cfg, kind, bad, message, r
     path = write("data.jsonl", [good, bad, good])
     with pytest.raises(DataError) as err:
         load_rows(make_cfg([path]).train, kind, make_cfg([path]), seed=0)
-    assert str(err.value).startswith(f"{path}, row 1, {message}")
+    assert str(err.value).startswith(f"{path}: row 1, {message}")
     assert "rows are numbered from 0" in str(err.value)
     report = DataReport()
     rows = load_rows(make_cfg([path]).train, kind, make_cfg([path], on_error="drop"), seed=0, report=report)
@@ -160,9 +160,9 @@ def test_quoted_labels_are_rejected(write, make_cfg):
 
 @pytest.mark.parametrize("name,content,where", [
     ("bad.jsonl", b'{"prompt": "ok", "completion": "c"}\n{"prompt": "caf\xe9", "completion": "c"}\n',
-     "bad.jsonl, row 1, field 'prompt': not valid UTF-8"),
+     "bad.jsonl: row 1, field 'prompt': not valid UTF-8"),
     ("bad.csv", b"prompt,completion\ncaf\xe9,c\n", "bad.csv: not valid UTF-8"),
-    ("raw.jsonl", b'{"prompt": "\xff\xfe", "completion": "c"}\n', "raw.jsonl, row 0, field 'prompt': not valid"),
+    ("raw.jsonl", b'{"prompt": "\xff\xfe", "completion": "c"}\n', "raw.jsonl: row 0, field 'prompt': not valid"),
 ])
 def test_invalid_utf8_names_the_file(tmp_path, make_cfg, name, content, where):
     (tmp_path / name).write_bytes(content)

@@ -71,7 +71,7 @@ def test_column_mapping(write, make_cfg):
     row = load_rows([source], "sft", make_cfg([source]), seed=0)[0]
     assert (row["prompt_text"], row["completion"]) == ("q1", "a1")
     source = SourceConfig(path=path, columns={"completion": "reply"})
-    with pytest.raises(DataError, match=r"qa.csv, field 'completion': mapped to column 'reply'"):
+    with pytest.raises(DataError, match=r"qa.csv: field 'completion': mapped to column 'reply'"):
         load_rows([source], "sft", make_cfg([source]), seed=0)
 
 

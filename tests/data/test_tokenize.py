@@ -53,7 +53,7 @@ def test_truncation_keeps_prompt_end_and_cuts_response_without_eos(write, make_c
 
 def test_prompt_longer_than_max_length(write, make_cfg, tokenizer):
     rows = [{"prompt": "ok", "completion": "fine"}, {"prompt": "the film " * 20, "completion": "fine"}]
-    with pytest.raises(DataError, match=r"rows.jsonl, row 1, field 'prompt': \d+ tokens, longer than data.max_length=20"):
+    with pytest.raises(DataError, match=r"rows.jsonl: row 1, field 'prompt': \d+ tokens, longer than data.max_length=20"):
         tokenized(write, make_cfg, tokenizer, "sft", rows, max_length=20, max_prompt_length=8)
     report = DataReport()
     out = tokenized(write, make_cfg, tokenizer, "sft", rows, report=report, max_length=20, max_prompt_length=8,

@@ -111,7 +111,7 @@ def test_cli_errors_name_file_row_and_field(model_dir, tmp_path, capsys, lines, 
     path.write_text("\n".join(lines) + "\n")
     assert main([model_dir, "--input", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"error: {path}, {message}" in err
+    assert f"error: {path}: {message}" in err
 
 
 def test_cli_missing_model_dir(tmp_path, capsys):
