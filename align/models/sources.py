@@ -117,6 +117,8 @@ def materialise_gguf(path: str, out_dir: Optional[str] = None) -> str:
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if out_dir:  # a folder the user chose: no lock file left beside it
+        os.remove(final + ".lock")
     return final
 
 
