@@ -77,7 +77,9 @@ class SourceConfig:
     subset: Optional[str] = None
     # Hub dataset revision (branch, tag or commit) to pin; ignored for local paths.
     revision: Optional[str] = None
-    # Map this framework's field names to the source's columns, e.g. {prompt: question}.
+    # Map this framework's field names to the source's columns, e.g. {prompt: question}; a path
+    # reads inside a column: {responses: "completions[*].response", scores:
+    # "completions[*].overall_score"} (UltraFeedback's raw form), "a.b", "a[0].b".
     columns: Dict[str, str] = field(default_factory=dict)
     # Relative sampling weight when several sources are mixed.
     weight: float = 1.0
@@ -102,9 +104,19 @@ class DataConfig:
     packing: bool = False
     # Apply the tokenizer's chat template to prompts when it has one.
     use_chat_template: bool = True
+    # Ranking rows with tied scores (real UltraFeedback has many): error (stop at the first),
+    # drop (drop rows whose BEST score is tied; other tied pairs are skipped), strict_pairs (keep
+    # every pair whose scores differ). Dropped rows are counted in the data report.
+    ties: str = "error"
+    # Pairs taken from a ranking of K responses: all (every pair with different scores, each
+    # weighted so a prompt counts once), best_worst (one pair), best_vs_random (the best against
+    # one seeded random worse response, as UltraFeedback-binarized was built).
+    ranking_pairs: str = "all"
 
     def __post_init__(self) -> None:
         check_choice("data.on_error", self.on_error, ["raise", "drop"])
+        check_choice("data.ties", self.ties, ["error", "drop", "strict_pairs"])
+        check_choice("data.ranking_pairs", self.ranking_pairs, ["all", "best_worst", "best_vs_random"])
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         check_positive("data.max_length", self.max_length)
