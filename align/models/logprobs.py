@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 class LogProbs(NamedTuple):
@@ -99,8 +100,6 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     for start in range(0, n, chunk):
         args = (head, hidden[start:start + chunk], targets[start:start + chunk], temperature, softcap, entropy)
         if recompute:
-            from torch.utils.checkpoint import checkpoint
-
             logps, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
         else:
             logps, ent = _chunk_logps(*args)
