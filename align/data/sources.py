@@ -30,7 +30,7 @@ import numpy as np
 
 from align.config import ConfigError, DataConfig, SourceConfig
 from align.data.errors import DataError, DataReport, drop_marked, logger
-from align.data.formats import KINDS, NORMALIZED, expand_pairs, normalize_batch, normalized_kind
+from align.data.formats import KINDS, NORMALIZED, expand_pairs, is_path, normalize_batch, normalized_kind, path_root
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 BUILTIN_PREFIX = "builtin:"
@@ -199,7 +199,10 @@ def _selected(source: SourceConfig, parts: Dict[str, List[Part]]) -> List[Tuple[
 
 
 def _rename(label: str, ds: datasets.Dataset, columns: Dict[str, str]) -> datasets.Dataset:
-    missing = {field: col for field, col in columns.items() if col not in ds.column_names}
+    """Renames mapped columns; a path mapping ("completions[*].response") is read per row by
+    the normaliser (align.data.formats.read_path), so only its root column is checked here."""
+    missing = {field: col for field, col in columns.items() if path_root(col) not in ds.column_names}
+    columns = {field: col for field, col in columns.items() if not is_path(col)}
     if missing:
         field, col = next(iter(missing.items()))
         raise DataError(
@@ -235,7 +238,8 @@ def load_source(
             ds = ds.map(
                 normalize_batch,
                 batched=True,
-                fn_kwargs={"kind": kind, "drop": drop},
+                fn_kwargs={"kind": kind, "drop": drop, "ties": data_cfg.ties,
+                           "paths": {f: c for f, c in source.columns.items() if is_path(c)}},
                 remove_columns=ds.column_names,
                 features=datasets.Features({**NORMALIZED[normalized_kind(kind)], "_drop": STRING}),
                 desc=f"Checking {label}",
@@ -244,7 +248,9 @@ def load_source(
             # Arrow's JSON reader keeps invalid UTF-8 inside strings; decoding fails here.
             raise _utf8_error(label, ds) from None
         seen += len(ds)
-        pieces.append(drop_marked(ds, label, report) if drop else ds.remove_columns("_drop"))
+        # data.ties=drop|strict_pairs drops rows with no usable pair whatever on_error says
+        chosen_drops = data_cfg.ties != "error" and kind in ("pairwise", "ranking")
+        pieces.append(drop_marked(ds, label, report) if drop or chosen_drops else ds.remove_columns("_drop"))
     total = sum(len(p) for p in pieces)
     if total == 0:
         problem = f"all {seen} rows were dropped as bad" if seen else "no rows selected by split/max_rows"
@@ -281,9 +287,9 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown data kind {kind!r}; choose from {list(KINDS)}")
 
 
-def _finish(ds: datasets.Dataset, kind: str) -> datasets.Dataset:
+def _finish(ds: datasets.Dataset, kind: str, data_cfg: Optional[DataConfig] = None, seed: int = 0) -> datasets.Dataset:
     if kind == "pairwise":
-        return expand_pairs(ds)
+        return expand_pairs(ds, data_cfg.ranking_pairs if data_cfg else "all", seed)
     if kind == "ranking":
         return ds.add_column("group", list(range(len(ds))))
     return ds
@@ -307,7 +313,7 @@ def load_rows(
         raise ConfigError(f"no data sources given for {kind} data")
     parts = [load_source(s, kind, data_cfg, seed, report) for s in sources]
     ds = mix(parts, [s.weight for s in sources], seed) if weighted else datasets.concatenate_datasets(parts)
-    return _finish(ds, kind)
+    return _finish(ds, kind, data_cfg, seed)
 
 
 def load_splits(
@@ -328,7 +334,7 @@ def load_splits(
               for s in data_cfg.train]
     train = mix([t for t, _ in splits], [s.weight for s in data_cfg.train], seed)
     evals = datasets.concatenate_datasets([e for _, e in splits])
-    return _finish(train, kind), _finish(evals, kind)
+    return _finish(train, kind, data_cfg, seed), _finish(evals, kind, data_cfg, seed)
 
 
 def _hash_file(h, path: str) -> None:

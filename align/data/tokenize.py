@@ -3,7 +3,9 @@
 Prompts: the tokenizer's chat template over `messages` (with the generation prompt) when it has
 one and `data.use_chat_template`, encoded without adding special tokens (the template has
 them); else `prompt_text` encoded with the tokenizer's own special tokens (e.g. a BOS).
-Responses: encode(response) + [eos].
+Responses: encode(response) + [end], where end is the chat template's end-of-turn token (the one
+it writes after an assistant's text, e.g. <|im_end|>) when prompts are chat-templated, else EOS:
+the loss/response mask covers exactly the assistant's tokens and its end of turn.
 
 Truncation: a prompt longer than `data.max_length` tokens is an error (or dropped); one longer
 than `data.max_prompt_length` keeps its end (the turn nearest the response). Responses are cut to
@@ -23,6 +25,7 @@ from datasets import Features, List as ListOf, Value
 from align.config import DataConfig
 from align.data.errors import DataError, DataReport, RowProblem, drop_marked, logger
 from align.data.formats import KINDS, MESSAGES
+from align.models.tokenizer import end_of_turn_id
 
 IDS = ListOf(Value("int32"))
 _WHERE = {"source": Value("string"), "row": Value("int64")}
@@ -60,9 +63,11 @@ def encode_prompts(tokenizer, messages: Sequence[list], prompt_texts: Sequence[s
     return tokenizer(list(prompt_texts), add_special_tokens=True)["input_ids"]
 
 
-def encode_responses(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+def encode_responses(tokenizer, texts: Sequence[str], end_id: Optional[int] = None) -> List[List[int]]:
+    """encode(text) + [end_id] (EOS by default) for each response text."""
+    end = tokenizer.eos_token_id if end_id is None else end_id
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [ids + [tokenizer.eos_token_id] for ids in encoded]
+    return [ids + [end] for ids in encoded]
 
 
 def fit(prompt: List[int], responses: List[List[int]], data_cfg: DataConfig):
@@ -81,10 +86,11 @@ def _tokenize_batch(batch: Dict[str, list], kind: str, tokenizer, data_cfg: Data
                     drop: bool) -> Dict[str, list]:
     chat = uses_chat_template(tokenizer, data_cfg)
     prompts = encode_prompts(tokenizer, batch["messages"], batch["prompt_text"], chat)
+    end = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
     if kind == "ranking":
-        responses = [encode_responses(tokenizer, rs) for rs in batch["responses"]]
+        responses = [encode_responses(tokenizer, rs, end) for rs in batch["responses"]]
     else:
-        columns = [encode_responses(tokenizer, batch[name]) for name in _RESPONSES[kind]]
+        columns = [encode_responses(tokenizer, batch[name], end) for name in _RESPONSES[kind]]
         responses = [list(rs) for rs in zip(*columns)] if columns else [[] for _ in prompts]
     out: Dict[str, list] = {c: [] for c in [*TOKENIZED[kind], "_drop"]}
     for i, (prompt, resp) in enumerate(zip(prompts, responses)):

@@ -230,6 +230,10 @@ def init_train_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimC
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    # from_pretrained returns a model in eval mode: without this, dropout and gradient
+    # checkpointing (which transformers applies only in training mode) stay off until the first
+    # evaluation switches back with engine.train().
+    engine.train()
     if world_size() == 1 and engine.zero_optimization_stage() == 0:
         # An all-reduce over one rank is the identity, but DeepSpeed still copies every gradient
         # into a flat buffer and back (about 5% of a small model's step, and a gradient-sized

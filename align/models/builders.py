@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from align.config import ModelConfig
+from align.models.sources import BUILTIN_GGUF, resolve_model_and_tokenizer, resolve_source
 from align.models.tokenizer import VOCAB_SIZE, build_builtin_tokenizer, load_tokenizer
 
 # The built-in tiny Llama family, randomly initialised (parameter counts with the built-in
@@ -30,7 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def is_builtin(name_or_path: str) -> bool:
-    return name_or_path.startswith("builtin:")
+    """A built-in tiny model (built in memory); `builtin:smollm2-*` is a real model file instead."""
+    return name_or_path.startswith("builtin:") and name_or_path not in BUILTIN_GGUF
 
 
 def tiny_llama_config(name: str, tokenizer=None, **overrides: Any):
@@ -54,7 +56,9 @@ def tiny_llama_config(name: str, tokenizer=None, **overrides: Any):
 
 
 def build_tokenizer(cfg: ModelConfig):
-    return load_tokenizer(cfg.tokenizer or cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+    """The tokenizer of `cfg`: the model's own source's unless `model.tokenizer` names another."""
+    _, source = resolve_model_and_tokenizer(cfg.name_or_path, cfg.tokenizer, cfg.gguf_file)
+    return load_tokenizer(source, cfg.revision, cfg.trust_remote_code)
 
 
 def _finish(model, cfg: ModelConfig, tokenizer):
@@ -65,7 +69,8 @@ def _finish(model, cfg: ModelConfig, tokenizer):
 
         enable(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: works with frozen inputs (embeddings) and under ZeRO-3's hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
@@ -89,7 +94,8 @@ def build_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).to(DTYPES[cfg.dtype])
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_load_kwargs(cfg))
+        model = AutoModelForCausalLM.from_pretrained(resolve_source(cfg.name_or_path, cfg.gguf_file),
+                                                     **_load_kwargs(cfg))
     return _finish(model, cfg, tokenizer)
 
 
@@ -109,7 +115,7 @@ def build_scalar_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
             model = LlamaForSequenceClassification(config).to(DTYPES[cfg.dtype])
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.name_or_path, num_labels=1, **_load_kwargs(cfg)
+                resolve_source(cfg.name_or_path, cfg.gguf_file), num_labels=1, **_load_kwargs(cfg)
             )
     return _finish(model, cfg, tokenizer)
 

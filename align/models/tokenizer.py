@@ -57,7 +57,7 @@ def build_builtin_tokenizer():
 
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
-    """Loads a tokenizer by hub name or directory, or builds the built-in one.
+    """Loads a tokenizer by hub name, directory or GGUF source, or builds the built-in one.
 
     A tokenizer without a pad token gets its EOS token as pad, the usual choice for causal LMs.
     """
@@ -65,6 +65,9 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
         return build_builtin_tokenizer()
     from transformers import AutoTokenizer
 
+    from align.models.sources import resolve_source
+
+    name_or_path = resolve_source(name_or_path, key="model.tokenizer")  # a GGUF file: its materialised copy
     tokenizer = AutoTokenizer.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code
     )
@@ -73,3 +76,32 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
             raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_TURN_MARK = "\u2063RESPONSE\u2063"
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn under the tokenizer's chat template: the special
+    token the template writes right after the assistant's text (`<|im_end|>` for ChatML,
+    `<|eot_id|>` for Llama 3), else EOS. A response's loss mask ends with it, and generation
+    stops at it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": _TURN_MARK}], tokenize=False)
+        except Exception:  # a template that rejects this conversation: keep EOS
+            text = ""
+        if _TURN_MARK in text:
+            after = tokenizer(text.split(_TURN_MARK, 1)[1], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+            if after and after[0] in special:
+                return after[0]
+    return tokenizer.eos_token_id
+
+
+def stop_token_ids(tokenizer) -> list:
+    """Token ids that end a sampled response: the chat template's end-of-turn token and EOS."""
+    ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+    return [i for n, i in enumerate(ids) if i is not None and i not in ids[:n]]

@@ -146,3 +146,74 @@ def test_temperature_scaling(model, example, builtin_tokenizer):
     assert abs(out.sum.item() - plain.sum.item()) > 1e-3
     assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert plain.logits is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head at scored positions only, in checkpointed chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_head_logprobs_in_chunks_equal_full_log_softmax():
+    """Values and gradients (hidden states and head weight) of the chunked head equal a float64
+    log_softmax over the full logits; 7 positions in chunks of 3 (3 + 3 + 1)."""
+    from align.models.logprobs import head_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 8, generator=g))
+    hidden = torch.randn(7, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    logps, ent = head_logprobs(head, hidden, targets, temperature=0.7, entropy=True, chunk_size=3)
+    logps.sum().backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+
+    hidden.grad, head.weight.grad = None, None
+    full = torch.log_softmax(head(hidden).double() / 0.7, -1)
+    ref = full.gather(-1, targets[:, None]).squeeze(-1)
+    ref.sum().backward()
+    torch.testing.assert_close(logps.double(), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), -(full.exp() * full).sum(-1).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[1], head.weight.grad, atol=1e-5, rtol=0)
+
+
+def largest_saved_vocab_tensor(fn, vocab):
+    """Elements of the largest tensor with a last dimension of `vocab` saved for backward by fn()."""
+    sizes = [0]
+
+    def pack(t):
+        if t.dim() >= 1 and t.shape[-1] == vocab:
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_no_logits_kept_for_backward(model, example, builtin_tokenizer):
+    """With gradients, the chunked path saves no (positions x vocabulary) tensor for backward
+    (the full-logits path, the control, saves B x T x V), and gives the same log-probs,
+    gradients and entropies."""
+    p_ids, long_r, short_r = example
+    pad = builtin_tokenizer.pad_token_id
+    ids, attn, loss = batch([p_ids + long_r, p_ids + short_r], len(p_ids), pad)
+    V = model.config.vocab_size
+    model.train()
+    try:
+        chunked = largest_saved_vocab_tensor(lambda: sequence_logprobs(model, ids, attn, loss).sum.sum(), V)
+        full = largest_saved_vocab_tensor(lambda: sequence_logprobs(model, ids, attn, loss, keep_logits=True), V)
+        params = [p for p in model.parameters()]
+        lp = sequence_logprobs(model, ids, attn, loss, entropy=True)
+        g_chunked = torch.autograd.grad(lp.sum.sum(), params)
+        ref = sequence_logprobs(model, ids, attn, loss, keep_logits=True, entropy=True)
+        g_full = torch.autograd.grad(ref.sum.sum(), params)
+    finally:
+        model.eval()
+    assert chunked == 0  # nothing of (..., V) shape: the chunks' logits are recomputed in backward
+    assert full >= ids.numel() * V
+    torch.testing.assert_close(lp.token_logps, ref.token_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp.entropy, ref.entropy, atol=1e-5, rtol=0)
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

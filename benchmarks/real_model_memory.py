@@ -1,0 +1,107 @@
+"""Peak memory of one DPO-style forward + backward on the real model (SmolLM2-135M-Instruct).
+
+4 pairs of 512 tokens (a 128-token prompt, 384-token chosen and rejected responses: 8 rows of
+512 tokens), the sigmoid DPO loss of the summed response log-probs (reference log-probs fixed at
+0, which changes no memory), in train mode. Four variants, each in its own process:
+
+- head: `full` (the log-prob function before issue 14: logits at every position, (8, 512, 49,152)
+  fp32 = 768 MiB, then its logsumexp and gradient) or `chunked` (the LM head at response
+  positions only, in chunks recomputed in backward; align.models.logprobs today);
+- gradient checkpointing off or on (model.gradient_checkpointing).
+
+Peak = the highest RSS sampled every 2 ms during the step, minus the RSS with the model loaded
+(weights 513 MiB fp32). The delta includes the parameters' gradients (513 MiB): the
+"activations" column subtracts them. Usage:
+
+    python benchmarks/real_model_memory.py            # all four, a table on stdout
+    python benchmarks/real_model_memory.py --one full:0   # one variant (what the table runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+PAIRS, PROMPT, RESPONSE = 4, 128, 384
+MIB = 1024 ** 2
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one(head: str, checkpointing: bool) -> dict:
+    import torch
+
+    from align.config import ModelConfig
+    from align.models.builders import build_causal_lm, build_tokenizer
+    from align.models.logprobs import sequence_logprobs
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name_or_path="builtin:smollm2-135m-instruct", gradient_checkpointing=checkpointing,
+                      padding_free=False)
+    model = build_causal_lm(cfg, build_tokenizer(cfg)).train()
+    T = PROMPT + RESPONSE
+    prompt = torch.randint(10, 49000, (PAIRS, PROMPT))
+    ids = torch.cat([torch.cat([prompt, torch.randint(10, 49000, (PAIRS, RESPONSE))], 1) for _ in range(2)])
+    attn = torch.ones_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, PROMPT:] = 1
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    lp = sequence_logprobs(model, ids, attn, loss_mask, keep_logits=(head == "full"))
+    chosen, rejected = lp.sum[:PAIRS], lp.sum[PAIRS:]
+    loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()
+    loss.backward()
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    return {"head": head, "checkpointing": checkpointing, "peak_mib": (peak[0] - base) / MIB,
+            "grads_mib": grads / MIB, "seconds": seconds, "loss": loss.item(), "rows": ids.shape[0], "T": T}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", default=None, help="head:checkpointing, e.g. chunked:1")
+    args = parser.parse_args(argv)
+    if args.one:
+        head, gc = args.one.split(":")
+        print("RESULT " + json.dumps(one(head, gc == "1")), flush=True)
+        return 0
+    rows = []
+    for variant in ("full:0", "chunked:0", "full:1", "chunked:1"):
+        out = subprocess.run([sys.executable, __file__, "--one", variant], capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            print(out.stderr[-2000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(line[-1][7:]))
+        print(rows[-1], file=sys.stderr, flush=True)
+    print("| LM head | checkpointing | peak above loaded model (MiB) | of which gradients | activations etc. (MiB) "
+          "| step s | loss |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['head']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mib']:.0f} | {r['grads_mib']:.0f} "
+              f"| {r['peak_mib'] - r['grads_mib']:.0f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raise SystemExit(main())
