@@ -40,7 +40,7 @@ def test_ultrafeedback_raw_form_with_column_paths(tmp_path):
 def test_ties_error_is_the_default(tmp_path):
     with pytest.raises(DataError) as err:
         rows_of(tmp_path, [uf_row("Q1", ("a", 5.0), ("b", 5.0), ("c", 1.0))], UF_COLUMNS)
-    assert str(err.value).startswith(f"{tmp_path / 'data.jsonl'}, row 0, field 'scores': tied scores [5.0, 5.0, 1.0]")
+    assert str(err.value).startswith(f"{tmp_path / 'data.jsonl'}: row 0, field 'scores': tied scores [5.0, 5.0, 1.0]")
 
 
 def test_ties_strict_pairs_and_drop(tmp_path):
