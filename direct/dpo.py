@@ -1,5 +1,8 @@
 """Direct preference optimisation from pairs: one recipe for every loss of `PAIRWISE_LOSSES`
-(DPO, cDPO, IPO, robust DPO, hinge/SLiC, GPO, DiscoPOP, SimPO, ORPO, RPO), picked by `loss.name`.
+(DPO, cDPO, IPO, robust DPO, hinge/SLiC, GPO, DiscoPOP, SimPO, ORPO, RPO), picked by `loss.name`;
+and from K-way rankings with `loss.name: plackett_luce` (the DPO paper's listwise form,
+direct/listwise.py): the K responses of a prompt in one forward, their reference log-probs cached
+like the pairs'.
 
     python -m direct.dpo --config configs/dpo/default.yaml loss.name=ipo loss.beta=0.5
 
@@ -29,7 +32,7 @@ import torch.distributed as dist
 
 from align.config import ConfigError, DataConfig, SourceConfig, check_choice
 from align.data.batching import BatchIterator
-from align.data.collate import collate_indexed_pairs
+from align.data.collate import collate_indexed_pairs, collate_listwise
 from align.engine import deepspeed_engine as de
 from align.evaluation import held_out_report
 from align.generation import SamplingConfig, groups, sample_per_prompt
@@ -38,7 +41,8 @@ from align.models.builders import build_causal_lm, build_tokenizer
 from align.models.logprobs import pair_logprobs
 from align.stage import StageWorker, Throughput, eval_batches, load_prompts, load_tokenized, planned_steps, run_recipe, \
     stage_main
-from direct.losses import PAIRWISE_LOSSES, pairwise_loss
+from align.models.logprobs import sequence_logprobs
+from direct.losses import PAIRWISE_LOSSES, LossSpec, pairwise_loss, plackett_luce_dpo_loss
 from direct.ref_cache import lookup
 from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, with_index
 from reward_model.labellers import LABELLERS, make_labeller
@@ -46,6 +50,8 @@ from reward_model.labellers import LABELLERS, make_labeller
 PAIR_PARTS = ("chosen", "rejected")
 PAIR_TOKENS = ("prompt_ids", "chosen_ids", "rejected_ids")
 LOSS_HPARAMS = ("beta", "label_smoothing", "gamma", "tau", "alpha")
+# Listwise DPO on rankings (not a pairwise loss): needs the reference, takes beta only.
+PLACKETT_LUCE = LossSpec("plackett_luce", plackett_luce_dpo_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +62,7 @@ LOSS_HPARAMS = ("beta", "label_smoothing", "gamma", "tau", "alpha")
 @dataclass
 class LossConfig:
     # A key of direct.losses.PAIRWISE_LOSSES: dpo, cdpo, ipo, robust, hinge, slic, gpo_*,
-    # discopop, simpo, orpo, rpo.
+    # discopop, simpo, orpo, rpo; or plackett_luce (listwise DPO: data.train must be rankings).
     name: str = "dpo"
     # Unset (null) values take the loss function's own default. beta: DPO's beta (strength of
     # the implicit KL penalty); IPO's tau; SimPO's beta (reward scale); ORPO's lambda.
@@ -71,15 +77,19 @@ class LossConfig:
     alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.name not in PAIRWISE_LOSSES:
-            raise ConfigError(f"loss.name: {self.name!r} is not one of {sorted(PAIRWISE_LOSSES)}")
-        spec = PAIRWISE_LOSSES[self.name]
+        if self.name not in PAIRWISE_LOSSES and self.name != PLACKETT_LUCE.name:
+            raise ConfigError(f"loss.name: {self.name!r} is not one of "
+                              f"{sorted(PAIRWISE_LOSSES) + [PLACKETT_LUCE.name]}")
+        spec = self.spec()
         extra = [k for k in LOSS_HPARAMS if getattr(self, k) is not None and k not in spec.hparams]
         if extra:
             raise ConfigError(f"loss.{extra[0]}: loss {self.name!r} takes only {list(spec.hparams)}")
         missing = [k for k in spec.required if getattr(self, k) is None]
         if missing:
             raise ConfigError(f"loss.{missing[0]}: loss {self.name!r} needs it set")
+
+    def spec(self) -> LossSpec:
+        return PLACKETT_LUCE if self.name == PLACKETT_LUCE.name else PAIRWISE_LOSSES[self.name]
 
     def hparams(self) -> Dict[str, float]:
         """The hyperparameters to pass: those the loss accepts and the config sets."""
@@ -121,6 +131,11 @@ class DPOConfig(DirectConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.name == PLACKETT_LUCE.name and self.online.rounds:
+            raise ConfigError("online.rounds: online rounds label pairs; loss.name=plackett_luce trains on "
+                              "the rankings of data.train (set online.rounds=0)")
+
 
 # ---------------------------------------------------------------------------------------------
 # The pairwise worker
@@ -132,13 +147,20 @@ class DPOWorker(StageWorker):
 
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
-        self.spec = PAIRWISE_LOSSES[cfg.loss.name]
+        self.spec = cfg.loss.spec()
+        self.listwise = self.spec is PLACKETT_LUCE
         self.hparams = cfg.loss.hparams()
         de.seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg.model)
-        self.collate = partial(collate_indexed_pairs, pad_id=self.tokenizer.pad_token_id)
-        train, evals, self.report = load_tokenized(cfg.data, "pairwise", self.tokenizer, cfg.seed)
+        train, evals, self.report = load_tokenized(cfg.data, "ranking" if self.listwise else "pairwise",
+                                                   self.tokenizer, cfg.seed)
         self.train_rows, self.eval_rows = with_index(train), with_index(evals)
+        self.parts, self.token_columns = PAIR_PARTS, PAIR_TOKENS
+        self.collate = partial(collate_indexed_pairs, pad_id=self.tokenizer.pad_token_id)
+        if self.listwise:  # one part per rank position, up to the longest ranking
+            k = max(len(r) for rows in (train, evals) if rows is not None for r in rows["responses_ids"])
+            self.parts, self.token_columns = tuple(f"rank{j}" for j in range(k)), ("prompt_ids", "responses_ids")
+            self.collate = partial(collate_listwise, pad_id=self.tokenizer.pad_token_id, k=k)
         self.prompts = None
         if cfg.final_samples:
             prompts = load_prompts(cfg.eval_prompts, cfg, self.tokenizer)
@@ -153,7 +175,8 @@ class DPOWorker(StageWorker):
         self.ref, self.ref_info = {}, {}
         if self.spec.needs_reference:
             splits = {"eval": self.eval_rows} if cfg.online.rounds else {"train": self.train_rows, "eval": self.eval_rows}
-            self.ref, self.ref_info = cached_reference(cfg, self.tokenizer, splits, self.collate, PAIR_PARTS, PAIR_TOKENS)
+            self.ref, self.ref_info = cached_reference(cfg, self.tokenizer, splits, self.collate, self.parts,
+                                                       self.token_columns)
         self.batches = self._batches(self.train_rows, cfg.seed)
         self.data_iter = iter(self.batches)
         if cfg.online.rounds:
@@ -177,7 +200,9 @@ class DPOWorker(StageWorker):
                             "reference_cache": self.ref_info}}
 
     def pair_losses(self, batch: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]):
-        """Per-pair losses (B,) with grad, and per-pair statistics for the metrics."""
+        """Per-pair (or per-ranking) losses (B,) with grad, and per-example statistics for the metrics."""
+        if self.listwise:
+            return self.ranking_losses(batch, ref)
         n = batch["weight"].shape[0]
         # Each pair's prompt is forwarded once (padding-free forwards with the varlen attention).
         lp = pair_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
@@ -196,6 +221,23 @@ class DPOWorker(StageWorker):
                  "logps/chosen": logps[:n], "logps/rejected": logps[n:]}
         if self.spec.needs_chosen_nll:
             stats["nll"] = inputs["chosen_nll"]
+        return losses, stats
+
+    def ranking_losses(self, batch: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]):
+        """Plackett-Luce losses (B,) of K-way rankings; chosen = the best response, rejected =
+        the worst one of each ranking."""
+        mask = batch["mask"]
+        b, k = mask.shape
+        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                               padding_free=self.cfg.model.padding_free)
+        logps = lp.sum.view(k, b).t()  # (B, K): block j of the batch holds every ranking's j-th response
+        ref_logps = torch.stack([lookup(ref, batch["index"], part, "sum") for part in self.parts], dim=1)
+        losses, rewards = plackett_luce_dpo_loss(logps, ref_logps, mask=mask, **self.hparams)
+        last = (mask.long().sum(1) - 1)[:, None]  # each ranking's worst response
+        chosen, rejected = rewards[:, 0], rewards.gather(1, last)[:, 0]
+        stats = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                 "rewards/margins": chosen - rejected, "rewards/accuracies": (chosen > rejected).float(),
+                 "logps/chosen": logps[:, 0].detach(), "logps/rejected": logps.gather(1, last)[:, 0].detach()}
         return losses, stats
 
     def train_step(self) -> Dict[str, float]:

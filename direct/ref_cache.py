@@ -68,8 +68,10 @@ def dataset_digest(dataset, columns: Sequence[str]) -> str:
     for name in columns:
         col = table.column(name).combine_chunks()
         h.update(name.encode())
-        h.update(col.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
-        h.update(col.flatten().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        while hasattr(col, "value_lengths"):  # lists of ids, or lists of them (a ranking's responses)
+            h.update(col.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+            col = col.flatten()
+        h.update(col.to_numpy(zero_copy_only=False).astype("int64").tobytes())
     return h.hexdigest()
 
 

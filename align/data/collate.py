@@ -174,3 +174,16 @@ def collate_kto_reference(examples: List[dict], pad_id: int) -> Batch:
     batch = collate_binary(examples + _kl_examples(examples), pad_id)
     batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     return batch
+
+
+def collate_listwise(examples: List[dict], pad_id: int, k: int) -> Batch:
+    """Listwise DPO on rankings (best first): k blocks of B rows in one (k*B, T) batch, block j
+    holding each example's j-th response (an empty response where a ranking is shorter than k);
+    `mask` (B, k) marks the responses that exist; `index` (B,); `weight` (B,) ones."""
+    prompts = [e["prompt_ids"] for e in examples] * k
+    responses = [e["responses_ids"][j] if j < len(e["responses_ids"]) else [] for j in range(k) for e in examples]
+    batch = _sequences(prompts, responses, pad_id, None)
+    batch["mask"] = torch.tensor([[j < len(e["responses_ids"]) for j in range(k)] for e in examples], dtype=torch.bool)
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    batch["weight"] = torch.ones(len(examples), dtype=torch.float32)
+    return batch
