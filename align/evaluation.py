@@ -13,10 +13,20 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from align.config import DataConfig, DeepSpeedConfig, ModelConfig, OptimConfig, SourceConfig
-from align.generation import SamplingConfig
+import torch
+
+from align.config import DataConfig, ModelConfig, SourceConfig
+from align.data.collate import collate_responses
+from align.data.sources import load_rows
+from align.data.tokenize import tokenize_rows
+from align.engine import deepspeed_engine as de
+from align.generation import Samples, SamplingConfig, sample
+from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, sequence_scores
+from align.models.logprobs import sequence_logprobs
+from align.task import gold_scorer_for, sample_metrics_for
+from reward_model.loss import reward_normalization
 
 
 @dataclass
@@ -30,6 +40,8 @@ class EvalConfig:
     # Models are evaluated whole on one device per actor, in this dtype.
     dtype: str = "float32"
     seed: int = 1234
+    # Run model code shipped inside a model directory (custom architectures). Off unless set.
+    trust_remote_code: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,64 +73,102 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Held-out sampling and scoring: one helper for every stage's final samples and the evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoredSamples:
+    samples: Samples  # prompt_ids, response_ids, texts, ended_with_eos
+    gold: Optional[List[float]]  # the task's gold score per response; None when the task has none
+    task_metrics: Dict[str, float]  # the task's own sample metrics (e.g. fluency), {} when none
+
+
+def sample_and_score(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                     prompt_texts: Sequence[str], sampling: SamplingConfig, seed: int,
+                     task_paths: Iterable[str], micro_batch_size: int = 16, device=None) -> ScoredSamples:
+    """Samples one response per prompt (fixed seed, so any policy sampled through this with the
+    same prompts, settings and seed is compared like for like) and scores the responses with the
+    task of `task_paths` (data sources; a built-in task has a gold scorer and sample metrics)."""
+    paths = list(task_paths)
+    out = sample(generate_fn, tokenizer, prompt_ids, sampling, micro_batch_size, seed=seed, device=device)
+    scorer = gold_scorer_for(paths)
+    gold = [scorer(p, t) for p, t in zip(prompt_texts, out.texts)] if scorer is not None else None
+    return ScoredSamples(out, gold, sample_metrics_for(paths, list(prompt_texts), out.texts))
+
+
+def sample_summary(scored: ScoredSamples, prefix: str = "samples/", ci_seed: Optional[int] = None) -> Dict[str, Any]:
+    """EOS rate, length, gold mean (with `n` and a 95% bootstrap CI when `ci_seed` is given),
+    the task's metrics and three example responses, under `prefix`."""
+    out = scored.samples
+    n = len(out.texts)
+    metrics: Dict[str, Any] = {f"{prefix}eos_rate": sum(out.ended_with_eos) / n,
+                               f"{prefix}length": statistics.mean(len(r) for r in out.response_ids)}
+    if ci_seed is not None:
+        metrics[f"{prefix}n"] = n
+    if scored.gold is not None:
+        metrics[f"{prefix}gold"] = statistics.mean(scored.gold)
+        if ci_seed is not None:
+            lo, hi = bootstrap_ci(scored.gold, seed=ci_seed)
+            metrics.update({f"{prefix}gold_ci_low": lo, f"{prefix}gold_ci_high": hi})
+    metrics.update({f"{prefix}{k}": v for k, v in scored.task_metrics.items()})
+    metrics[f"{prefix}examples"] = out.texts[:3]
+    return metrics
+
+
+def held_out_report(generate_fn: Callable, tokenizer, prompts, sampling: SamplingConfig, seed: int,
+                    task_paths: Iterable[str], device=None, prefix: str = "samples/") -> Dict[str, Any]:
+    """`sample_summary` (with n and the gold CI) of a policy on tokenized prompt rows
+    (`prompt_ids`, `prompt_text`, e.g. from align.stage.load_prompts): a stage's final samples."""
+    scored = sample_and_score(generate_fn, tokenizer, prompts["prompt_ids"], prompts["prompt_text"], sampling,
+                              seed=seed, task_paths=task_paths, device=device)
+    return sample_summary(scored, prefix, ci_seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
 # Worker (one Ray actor group; every method sampled in the same process, same settings)
 # ---------------------------------------------------------------------------------------------
 
 
 class EvalWorker:
     def __init__(self, cfg: EvalConfig, reference_dir: str, reward_model_dir: Optional[str], seed: int):
-        from align.data.sources import load_rows
-        from align.data.tokenize import tokenize_rows
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer
-        from align.task import gold_scorer_for
-
-        self.cfg, self.de, self.seed = cfg, de, seed
-        self.tokenizer = build_tokenizer(ModelConfig(name_or_path=reference_dir))
+        self.cfg, self.seed = cfg, seed
+        self.tokenizer = build_tokenizer(self._model_cfg(reference_dir))
         data_cfg = DataConfig(train=[cfg.prompts], max_length=cfg.max_prompt_length + 1,
                               max_prompt_length=cfg.max_prompt_length)
         rows = load_rows([cfg.prompts], "prompt", data_cfg, seed)
         rows = tokenize_rows(rows.select(range(min(cfg.num_prompts, len(rows)))), "prompt", self.tokenizer, data_cfg)
         self.prompt_ids: List[List[int]] = rows["prompt_ids"]
         self.prompt_texts: List[str] = rows["prompt_text"]
-        self.gold = gold_scorer_for([cfg.prompts.path])
         self.device = de.device()
         self.reference = self._load(build_causal_lm, reference_dir)
         self.reward_model, self.rm_norm = None, (0.0, 1.0)
         if reward_model_dir:
             self.reward_model = self._load(build_scalar_model, reward_model_dir)
-            config = self.reward_model.config
-            self.rm_norm = (getattr(config, "reward_mean", 0.0), getattr(config, "reward_std", 1.0))
-        self._build = build_causal_lm
+            self.rm_norm = reward_normalization(self.reward_model.config)
+
+    def _model_cfg(self, path: str) -> ModelConfig:
+        return ModelConfig(name_or_path=path, dtype=self.cfg.dtype, trust_remote_code=self.cfg.trust_remote_code)
 
     def _load(self, builder, path: str):
         """Each model whole on this actor's device, in the configured dtype (no sharding)."""
-        return builder(ModelConfig(name_or_path=path, dtype=self.cfg.dtype), self.tokenizer).to(self.device).eval()
+        return builder(self._model_cfg(path), self.tokenizer).to(self.device).eval()
 
     def evaluate(self, name: str, policy_dir: str) -> Dict[str, Any]:
         """Samples `policy_dir` on the prompts and returns per-prompt values and summaries."""
-        import torch
-
-        from align.generation import sample
-        from align.models.builders import sequence_scores
-        from align.models.logprobs import sequence_logprobs
-
-        policy = self._load(self._build, policy_dir)
+        policy = self._load(build_causal_lm, policy_dir)
         gen = lambda ids, mask, **kw: policy.generate(input_ids=ids, attention_mask=mask, **kw)  # noqa: E731
         with torch.no_grad():
-            out = sample(gen, self.tokenizer, self.prompt_ids, self.cfg.sampling, self.cfg.micro_batch_size,
-                         seed=self.seed, device=self.device)
+            scored = sample_and_score(gen, self.tokenizer, self.prompt_ids, self.prompt_texts, self.cfg.sampling,
+                                      seed=self.seed, task_paths=[self.cfg.prompts.path],
+                                      micro_batch_size=self.cfg.micro_batch_size, device=self.device)
+            out = scored.samples
             kls, rm_scores = [], []
             pad = self.tokenizer.pad_token_id
             mb = self.cfg.micro_batch_size
             for start in range(0, len(out.response_ids), mb):
-                seqs = [p + r for p, r in zip(self.prompt_ids[start:start + mb], out.response_ids[start:start + mb])]
-                width = max(len(s) for s in seqs)
-                ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-                attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-                mask = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r))
-                                     for p, r in zip(self.prompt_ids[start:start + mb],
-                                                     out.response_ids[start:start + mb])], device=self.device)
+                b = collate_responses(self.prompt_ids[start:start + mb], out.response_ids[start:start + mb], pad)
+                ids, attn, mask = (b[k].to(self.device) for k in ("input_ids", "attention_mask", "loss_mask"))
                 lp = sequence_logprobs(policy, ids, attn, mask).sum
                 ref = sequence_logprobs(self.reference, ids, attn, mask).sum
                 kls += (lp - ref).tolist()
@@ -127,8 +177,8 @@ class EvalWorker:
                     rm_scores += ((sequence_scores(self.reward_model, ids, attn) - mean) / std).tolist()
         result = {"method": name, "texts": out.texts, "kl": kls, "length": [len(r) for r in out.response_ids],
                   "eos": out.ended_with_eos, "rm": rm_scores}
-        if self.gold is not None:
-            result["gold"] = [self.gold(p, t) for p, t in zip(self.prompt_texts, out.texts)]
+        if scored.gold is not None:
+            result["gold"] = scored.gold
         return result
 
 

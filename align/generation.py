@@ -60,3 +60,17 @@ def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]]
             ended.append(end is not None)
             texts.append(tokenizer.decode(response, skip_special_tokens=True).strip())
     return Samples([list(p) for p in prompt_ids], responses, texts, ended)
+
+
+def sample_per_prompt(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]], k: int,
+                      cfg: SamplingConfig, micro_batch_size: int = 16, seed: Optional[int] = None,
+                      device: Optional[torch.device] = None) -> Samples:
+    """K responses per prompt (online rounds, group-relative RL): prompt i's samples are rows
+    i*k .. i*k+k-1 of the result, whose `prompt_ids` repeat each prompt k times."""
+    repeated = [p for p in prompt_ids for _ in range(k)]
+    return sample(generate_fn, tokenizer, repeated, cfg, micro_batch_size=micro_batch_size, seed=seed, device=device)
+
+
+def groups(values: Sequence, k: int) -> List[list]:
+    """`values` of `sample_per_prompt`'s rows, as one list of k per prompt."""
+    return [list(values[i:i + k]) for i in range(0, len(values), k)]

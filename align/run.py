@@ -12,6 +12,7 @@ Each stage writes, under its `run_dir`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,9 +20,10 @@ import platform
 import subprocess
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Dict, Optional
 
-from align.config import save_config, to_yaml
+from align.config import save_config
 
 PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "ray", "wandb", "tokenizers", "numpy")
 
@@ -56,8 +58,6 @@ class RunDir:
 
 
 def package_versions() -> Dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -82,8 +82,6 @@ def git_commit(path: Optional[str] = None) -> Optional[str]:
 
 def config_hash(cfg: Any, ignore: tuple = ("run_dir", "tracking")) -> str:
     """Hash of the settings that change a stage's result (not where it writes or how it logs)."""
-    import dataclasses
-
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
     fields.get("train", {}).pop("resume", None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -161,6 +159,3 @@ def read_json(path: str) -> Optional[Any]:
     with open(path) as fh:
         return json.load(fh)
 
-
-def describe(cfg: Any) -> str:
-    return to_yaml(cfg)

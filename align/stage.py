@@ -1,13 +1,16 @@
-"""What every training stage shares: the driver loop and a few per-rank helpers.
+"""What every training stage shares: the per-rank recipe skeleton and the driver loop.
 
-A stage is a per-rank worker class (setup in `__init__`, then `train_step`, `evaluate`,
-`save_checkpoint`, `export`) plus a config. `run_stage` is the driver: it prepares the run
-directory, starts the worker group on Ray, loops with a progress bar, logs, checkpoints and
-exports. The loop lives here once; the stage files hold only their own math.
+A stage is a per-rank worker class (setup in `__init__`, then `plan`, `train_step`, `evaluate`,
+`save_checkpoint`, `export`, `close`) plus a config. The skeleton that is the same in every
+recipe (checkpoint directory, resume, save, export, close) is `StageWorker`; `run_recipe` is a
+recipe's `run`. `run_stage` is the driver: it prepares the run directory, starts the worker group
+on Ray, loops with a progress bar, logs, checkpoints and exports. The loop lives here once; the
+stage files hold only their own math.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,7 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from align import run as runs
-from align.config import DataConfig, StageConfig, TrainConfig, to_dict
+from align.config import DataConfig, SourceConfig, StageConfig, TrainConfig, to_dict
+from align.data.errors import DataReport
+from align.data.prepare import load_prepared
+from align.data.sources import data_fingerprint, load_splits
+from align.data.tokenize import tokenize_rows
+from align.engine import deepspeed_engine as de
 from align.tracking import Tracker
 
 log = logging.getLogger("align.stage")
@@ -33,15 +41,9 @@ log = logging.getLogger("align.stage")
 
 def load_tokenized(data_cfg: DataConfig, kind: str, tokenizer, seed: int):
     """(train, eval or None, report) tokenized rows; rank 0 fills the datasets cache first."""
-    from align.data.prepare import load_prepared
-
     prepared = load_prepared(data_cfg, kind, tokenizer, seed)  # checked and cached by the driver
     if prepared is not None:
         return prepared
-    from align.data.errors import DataReport
-    from align.data.sources import load_splits
-    from align.data.tokenize import tokenize_rows
-    from align.engine.deepspeed_engine import barrier_if_distributed, rank
 
     def build():
         report = DataReport()
@@ -50,12 +52,19 @@ def load_tokenized(data_cfg: DataConfig, kind: str, tokenizer, seed: int):
         evals = tokenize_rows(evals, kind, tokenizer, data_cfg, report) if evals is not None else None
         return train, evals, report
 
-    if rank() == 0:
+    if de.rank() == 0:
         out = build()
-        barrier_if_distributed()
+        de.barrier_if_distributed()
         return out
-    barrier_if_distributed()
+    de.barrier_if_distributed()
     return build()
+
+
+def load_prompts(source: SourceConfig, cfg: StageConfig, tokenizer):
+    """Tokenized prompt rows (prompt_ids, prompt_text) of one source, like the training prompts."""
+    data = dataclasses.replace(cfg.data, train=[source], eval=[], eval_fraction=0.0, packing=False)
+    rows, _, _ = load_tokenized(data, "prompt", tokenizer, cfg.seed)
+    return rows
 
 
 def planned_steps(train: TrainConfig, batches_per_epoch: int, grad_accum: int) -> int:
@@ -96,6 +105,60 @@ class Throughput:
         rate = tokens / max(now - self.last, 1e-9)
         self.last = now
         return rate
+
+
+class StageWorker:
+    """The per-rank skeleton of a training recipe: checkpoint directory, resume, save, export,
+    close. A recipe subclasses it and sets `cfg`, `tokenizer`, `engine`, `batches` (a resumable
+    BatchIterator) and `data_iter` before calling `resume()`; it writes `plan`, `train_step` and
+    `evaluate` itself. No deeper hierarchy: anything else a recipe needs, it writes out.
+    """
+
+    cfg: StageConfig
+    step: int = 0
+
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.cfg.run_dir, "checkpoints")
+
+    def resume(self, restore_data: bool = True) -> None:
+        """Restores the newest checkpoint when `train.resume` (the step, and with
+        `restore_data` the data position); a fresh run starts at step 0."""
+        self.step = 0
+        if not self.cfg.train.resume:
+            return
+        state = de.load_checkpoint(self.engine, self.checkpoint_dir())
+        if state is None:
+            return
+        self.step = state["step"]
+        if restore_data:
+            self.batches.load_state_dict(state["data"])
+            self.data_iter = iter(self.batches)
+
+    def save_checkpoint(self, step: int) -> str:
+        return de.save_checkpoint(self.engine, self.checkpoint_dir(), step, {"data": self.batches.state_dict()},
+                                  keep=self.cfg.train.keep_checkpoints)
+
+    def export_config(self) -> Optional[Dict[str, Any]]:
+        """Entries stored in the exported model's config.json (e.g. reward normalisation)."""
+        return None
+
+    def export(self, out_dir: str) -> Optional[str]:
+        return de.export_hf(self.engine, self.tokenizer, out_dir, extra_config=self.export_config())
+
+    def close(self) -> None:
+        self.engine = None
+
+
+def model_inputs(cfg: StageConfig) -> Optional[Dict[str, str]]:
+    """The starting model as a run input (so a retrained upstream model reruns the stage)."""
+    return None if cfg.model.name_or_path.startswith("builtin:") else {"model": cfg.model.name_or_path}
+
+
+def run_recipe(stage: str, cfg: StageConfig, worker: Callable, sources: Sequence[SourceConfig],
+               inputs: Optional[Dict[str, str]], group: Optional[str] = None, reuse: bool = True) -> Dict[str, Any]:
+    """A recipe's `run`: fingerprints the data `sources` and drives `worker` with `run_stage`."""
+    fingerprint = data_fingerprint(list(sources), cfg.seed)
+    return run_stage(stage, cfg, worker, fingerprint, inputs=inputs, group_name=group, reuse=reuse)
 
 
 # ---------------------------------------------------------------------------------------------

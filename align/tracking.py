@@ -90,10 +90,6 @@ class Tracker:
 
             self.wandb_run.log({key: wandb.Image(path)})
 
-    @property
-    def wandb_dir(self) -> Optional[str]:
-        return getattr(self.wandb_run, "dir", None)
-
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()

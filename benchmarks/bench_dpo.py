@@ -1,4 +1,4 @@
-"""DPO side by side: ours (direct.trainer.run: 1 Ray actor, DeepSpeed ZeRO-0, fp32) against TRL's
+"""DPO side by side: ours (direct.dpo.run: 1 Ray actor, DeepSpeed ZeRO-0, fp32) against TRL's
 DPOTrainer (use_cpu=True, loss_type=["sigmoid"], fp32): same weights, rows, batches, hyperparameters.
 
     .venv/bin/python benchmarks/bench_dpo.py     # ours, ours-padded, trl, trl-ref x 3 reps: ~9 min on 2 cores
@@ -37,7 +37,7 @@ BETA = 0.1
 def our_config(a):
     """Our DPO stage config, built in code: the benchmark's model, rows and settings."""
     from align.config import DeepSpeedConfig, ModelConfig, OptimConfig, RayConfig, TrackingConfig, TrainConfig
-    from direct.trainer import DPOConfig, LossConfig
+    from direct.dpo import DPOConfig, LossConfig
 
     return DPOConfig(model=ModelConfig(name_or_path=a.model), data=C.data_config(a.data),
                      loss=LossConfig(name="dpo", beta=BETA), optim=OptimConfig(lr=H.LR, scheduler="constant"),
@@ -49,7 +49,7 @@ def our_config(a):
 
 
 def child_ours(a) -> dict:
-    from direct.trainer import run
+    from direct.dpo import run
 
     return H.run_ours(a, run, our_config(a))
 
@@ -72,7 +72,7 @@ def child_trl(a) -> dict:
 
 
 STAGE = H.Stage(
-    name="dpo", title="DPO: ours (direct.trainer) vs TRL DPOTrainer", split="preferences", kind="pairwise",
+    name="dpo", title="DPO: ours (direct.dpo) vs TRL DPOTrainer", split="preferences", kind="pairwise",
     children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl, "trl-ref": child_trl},
     labels={**H.OUR_LABELS, "trl": "TRL, precomputed ref",
             "trl-ref": "TRL, ref forward each step"},

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/engine_measure.py
 
 1. Start-up: `start_ray` and a 2-actor ZeRO-3 group (actors started, process group joined,
-   DeepSpeed engine built) with the toy role on builtin:tiny-1m.
+   DeepSpeed engine built) with the toy worker (tests/engine/toy_worker.py) on builtin:tiny-1m.
 2. Step time of 2 actors under ZeRO-0/2/3: builtin:tiny-8m, micro-batch 8, sequences of 64
    tokens, fp32, gloo; mean of 5 steps after 2 warm-up steps, timed from the driver.
 3. Memory under ZeRO-3 with builtin:tiny-30m on 1 and 2 ranks: each rank's peak RSS
@@ -16,22 +16,24 @@ Timings depend on what else runs on the machine; the load average is printed wit
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.engine.toy_worker
 
 import ray  # noqa: E402
 
 from align.config import RayConfig  # noqa: E402
 from align.engine.ray_group import ActorGroup, start_ray  # noqa: E402
-from align.engine.toy_role import ToyRole  # noqa: E402
+from tests.engine.toy_worker import ToyWorker  # noqa: E402
 
 MIB = 1024**2
 
 
 def _group(name: str, n: int, **role) -> ActorGroup:
     group = ActorGroup(name, RayConfig(num_actors=n, cpus_per_actor=os.cpu_count() / n))
-    group.setup(ToyRole, **role)
+    group.setup(ToyWorker, **role)
     return group
 
 

@@ -30,7 +30,7 @@ SPLITS = {"dpo": ("preferences", False), "sft": ("sft", False), "rm": ("preferen
 PHASES = ("train_step", "sequence_logprobs", "sequence_scores", "forward", "backward", "_engine_run_backward",
           "allreduce_gradients", "buffered_allreduce_fallback", "allreduce_bucket", "step", "_take_model_step",
           "clip_grad_norm_", "get_global_norm", "adamw", "_multi_tensor_adamw", "gather_logprobs", "__next__",
-          "__iter__", "collate_pairs", "collate_sft", "all_reduce_sum", "tick", "get_global_grad_norm")
+          "__iter__", "collate_indexed_pairs", "collate_scored_pairs", "collate_sft", "all_reduce_sum", "tick", "get_global_grad_norm")
 CATEGORIES = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm")),
               ("attention", ("scaled_dot_product", "flash_attention")),
               ("optimizer (foreach)", ("aten::_foreach",)),
@@ -47,7 +47,7 @@ def worker(stage: str, a):
     init_distributed("gloo")
     if stage == "dpo":
         from benchmarks.bench_dpo import our_config
-        from direct.trainer import DPOWorker as cls
+        from direct.dpo import DPOWorker as cls
     elif stage == "sft":
         from benchmarks.bench_sft import our_config
         from rlhf.sft import SFTWorker as cls

@@ -21,16 +21,26 @@ ranks), averaged before the clamp at 0.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 from align.config import DataConfig, SourceConfig, check_choice
-from direct.common import (DirectConfig, Means, cached_reference, check_model_exists, final_samples, load_prompts,
-                           run_inputs, with_index)
+from align.data.batching import BatchIterator
+from align.data.collate import collate_kto, collate_kto_reference
+from align.engine import deepspeed_engine as de
+from align.evaluation import held_out_report
+from align.metrics import Means
+from align.models.builders import build_causal_lm, build_tokenizer
+from align.models.logprobs import sequence_logprobs
+from align.stage import StageWorker, Throughput, eval_batches, load_prompts, load_tokenized, planned_steps, run_recipe, \
+    stage_main
+from direct.losses import kto_kl_reference_point, kto_loss
+from direct.ref_cache import lookup
+from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, with_index
 
 KTO_PARTS = ("completion", "kl")
 KTO_TOKENS = ("prompt_ids", "completion_ids", "kl_completion_ids")
@@ -86,8 +96,6 @@ def unpair(ds):
 def add_kl_partners(ds, seed: int, max_length: int):
     """Adds `kl_completion_ids`: the completion of row p(i), p a seeded derangement, cut to fit
     beside row i's prompt; and `index`."""
-    import numpy as np
-
     if ds is None:
         return None
     n = len(ds)
@@ -99,47 +107,16 @@ def add_kl_partners(ds, seed: int, max_length: int):
     return with_index(ds.add_column("kl_completion_ids", kl))
 
 
-def _as_kl_examples(examples: List[dict]) -> List[dict]:
-    return [{"prompt_ids": e["prompt_ids"], "completion_ids": e["kl_completion_ids"], "label": e["label"]}
-            for e in examples]
-
-
-def collate_kto(examples: List[dict], pad_id: int) -> Dict[str, torch.Tensor]:
-    """collate_binary's matched rows and label, the fixed mismatched rows as kl_*, and `index`."""
-    from align.data.collate import collate_binary
-
-    batch = collate_binary(examples, pad_id)
-    kl = collate_binary(_as_kl_examples(examples), pad_id)
-    for key in ("input_ids", "attention_mask", "loss_mask"):
-        batch[f"kl_{key}"] = kl[key]
-    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
-    return batch
-
-
-def collate_kto_reference(examples: List[dict], pad_id: int) -> Dict[str, torch.Tensor]:
-    """One (2B, T) batch for the reference: the B matched rows, then the B mismatched rows."""
-    from align.data.collate import collate_binary
-
-    batch = collate_binary(examples + _as_kl_examples(examples), pad_id)
-    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
-    return batch
-
-
 # ---------------------------------------------------------------------------------------------
 # Worker
 # ---------------------------------------------------------------------------------------------
 
 
-class KTOWorker:
+class KTOWorker(StageWorker):
     """One rank of the KTO stage."""
 
     def __init__(self, cfg: KTOConfig):
-        from align.data.batching import BatchIterator
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_causal_lm, build_tokenizer
-        from align.stage import load_tokenized, planned_steps
-
-        self.cfg, self.de = cfg, de
+        self.cfg = cfg
         de.seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg.model)
         pad = self.tokenizer.pad_token_id
@@ -149,7 +126,10 @@ class KTOWorker:
             train, evals = unpair(train), unpair(evals)
         self.train_rows = add_kl_partners(train, cfg.seed, cfg.data.max_length)
         self.eval_rows = add_kl_partners(evals, cfg.seed, cfg.data.max_length)
-        self.prompts = load_prompts(cfg.eval_prompts, cfg, self.tokenizer) if cfg.final_samples else None
+        self.prompts = None
+        if cfg.final_samples:
+            prompts = load_prompts(cfg.eval_prompts, cfg, self.tokenizer)
+            self.prompts = prompts.select(range(min(cfg.final_samples, len(prompts))))
         self.ref, self.ref_info = cached_reference(cfg, self.tokenizer, {"train": self.train_rows, "eval": self.eval_rows},
                                                    partial(collate_kto_reference, pad_id=pad), KTO_PARTS, KTO_TOKENS)
         self.batches = BatchIterator(self.train_rows, cfg.deepspeed.micro_batch_size, cfg.seed, de.rank(),
@@ -158,16 +138,8 @@ class KTOWorker:
         self.total_steps = planned_steps(cfg.train, len(self.batches), cfg.deepspeed.grad_accum_steps)
         model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
         self.engine = de.init_train_engine(model, cfg.deepspeed, cfg.optim, self.total_steps)
-        self.step, self.throughput = 0, None
-        if cfg.train.resume:
-            state = de.load_checkpoint(self.engine, self._ckpt_dir())
-            if state is not None:
-                self.step = state["step"]
-                self.batches.load_state_dict(state["data"])
-                self.data_iter = iter(self.batches)
-
-    def _ckpt_dir(self) -> str:
-        return os.path.join(self.cfg.run_dir, "checkpoints")
+        self.throughput = None
+        self.resume()
 
     def plan(self) -> Dict[str, Any]:
         labels = self.train_rows["label"][:]
@@ -177,10 +149,6 @@ class KTOWorker:
 
     def _kl_sums(self, batch, ref) -> torch.Tensor:
         """[sum of policy - reference log-ratios on the mismatched rows, row count], no grad."""
-        from align.models.logprobs import sequence_logprobs
-        from direct.losses import kto_kl_reference_point
-        from direct.ref_cache import lookup
-
         with torch.no_grad():
             lp = sequence_logprobs(self.engine, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_loss_mask"],
                                    padding_free=self.cfg.model.padding_free)
@@ -195,14 +163,10 @@ class KTOWorker:
         return torch.stack([z * n, torch.tensor(n, device=device)])
 
     def _z0(self, batches, ref) -> torch.Tensor:
-        total = self.de.all_reduce_sum(sum(self._kl_sums(b, ref) for b in batches))
+        total = de.all_reduce_sum(sum(self._kl_sums(b, ref) for b in batches))
         return (total[0] / total[1].clamp(min=1)).clamp(min=0)
 
     def _losses(self, batch, ref, z0):
-        from align.models.logprobs import sequence_logprobs
-        from direct.losses import kto_loss
-        from direct.ref_cache import lookup
-
         lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                padding_free=self.cfg.model.padding_free)
         loss = self.cfg.loss
@@ -220,9 +184,7 @@ class KTOWorker:
         means.add("logps/rejected", logps, bad)
 
     def train_step(self) -> Dict[str, float]:
-        from align.stage import Throughput
-
-        de, engine = self.de, self.engine
+        engine = self.engine
         self.throughput = self.throughput or Throughput()
         batches = [de.to_device(next(self.data_iter)) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
         z0 = self._z0(batches, self.ref["train"])
@@ -230,7 +192,7 @@ class KTOWorker:
                               float(sum(b["attention_mask"].sum() + b["kl_attention_mask"].sum() for b in batches))],
                              device=de.device())
         rows, tokens = de.all_reduce_sum(local).tolist()
-        scale = de.world_size() * len(batches) / rows  # mean over the global batch (see rlhf/sft.py)
+        scale = de.loss_scale(rows, len(batches))  # mean over the global batch
         means = Means()
         for b in batches:
             losses, rewards, logps = self._losses(b, self.ref["train"], z0)
@@ -246,9 +208,7 @@ class KTOWorker:
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> Dict[str, Any]:
-        from align.stage import eval_batches
-
-        de, engine = self.de, self.engine
+        engine = self.engine
         engine.eval()
         metrics: Dict[str, Any] = {}
         if self.eval_rows is not None:
@@ -262,33 +222,20 @@ class KTOWorker:
             metrics = {f"eval/{k}": v for k, v in means.reduce(de.all_reduce_sum).items()}
             metrics["eval/kl"] = z0.item()
         if final and self.prompts is not None:
-            metrics.update(final_samples(self.cfg, de, engine, self.tokenizer, self.prompts))
+            task_paths = [self.cfg.eval_prompts.path, *(s.path for s in self.cfg.data.train)]
+            metrics.update(held_out_report(partial(de.generate, engine), self.tokenizer, self.prompts,
+                                           self.cfg.sampling, self.cfg.seed, task_paths, de.device()))
         engine.train()
         return metrics
 
-    def save_checkpoint(self, step: int) -> str:
-        return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step, {"data": self.batches.state_dict()},
-                                       keep=self.cfg.train.keep_checkpoints)
-
-    def export(self, out_dir: str) -> Optional[str]:
-        return self.de.export_hf(self.engine, self.tokenizer, out_dir)
-
-    def close(self) -> None:
-        self.engine = None
-
 
 def run(cfg: KTOConfig, reuse: bool = True, group: Optional[str] = None) -> Dict[str, Any]:
-    from align.data.sources import data_fingerprint
-    from align.stage import run_stage
-
     check_model_exists(cfg)
-    fingerprint = data_fingerprint([*cfg.data.train, *cfg.data.eval, cfg.eval_prompts], cfg.seed)
-    return run_stage("kto", cfg, KTOWorker, fingerprint, inputs=run_inputs(cfg), group_name=group, reuse=reuse)
+    return run_recipe("kto", cfg, KTOWorker, [*cfg.data.train, *cfg.data.eval, cfg.eval_prompts], run_inputs(cfg),
+                      group, reuse)
 
 
 def main(argv=None) -> int:
-    from align.stage import stage_main
-
     return stage_main(argv, KTOConfig, run, "KTO from unpaired desirable / undesirable examples.")
 
 

@@ -4,8 +4,10 @@ DPO-style losses need log pi_ref(y|x) of every training response. The reference 
 frozen, so these numbers depend only on (the exact token ids scored, the reference weights, the
 precision): they are computed once before training, stored under
 `<cache_dir>/<key>.safetensors`, and reused by every later run on the same data and reference
-(DPO, IPO, cDPO, robust DPO, KTO on paired data ... all share them). The reference model is then
-never held in memory while the policy trains.
+(the pairwise losses DPO, IPO, cDPO, robust DPO ... share one file). KTO scores other
+sequences (each completion alone, and the mismatched KL rows) and its key names its parts, so it
+keeps its own file, even on the same pairs. The reference model is never held in memory while
+the policy trains.
 
 The key hashes the token ids themselves (so it covers the data, the tokenizer, the chat template
 and the truncation settings at once) together with `reference_id` (which model, which weights,
@@ -33,6 +35,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from align.cache import cache_dir as align_cache_dir
+from align.engine.deepspeed_engine import rank, to_device, world_size
+from align.models.logprobs import sequence_logprobs
+from align.stage import eval_batches
 
 log = logging.getLogger("direct.ref_cache")
 
@@ -45,9 +53,7 @@ Columns = Dict[str, torch.Tensor]  # "<part>/<stat>" -> (N,) float32
 
 
 def default_cache_dir() -> str:
-    from align.task.synthetic import cache_dir
-
-    return os.path.join(cache_dir(), "ref_logps")
+    return align_cache_dir("ref_logps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +68,10 @@ def dataset_digest(dataset, columns: Sequence[str]) -> str:
     for name in columns:
         col = table.column(name).combine_chunks()
         h.update(name.encode())
-        h.update(col.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
-        h.update(col.flatten().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        while hasattr(col, "value_lengths"):  # lists of ids, or lists of them (a ranking's responses)
+            h.update(col.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+            col = col.flatten()
+        h.update(col.to_numpy(zero_copy_only=False).astype("int64").tobytes())
     return h.hexdigest()
 
 
@@ -116,10 +124,6 @@ def compute_logps(model, dataset, collate: Callable, parts: Sequence[str], micro
     `collate(examples)` must return a batch of len(parts) blocks of B rows and an `index` (B,)
     column. Distributed: every rank scores its share and all ranks return the full columns.
     """
-    from align.engine.deepspeed_engine import rank, to_device, world_size
-    from align.models.logprobs import sequence_logprobs
-    from align.stage import eval_batches
-
     index, values = [], {f"{p}/{s}": [] for p in parts for s in STATS}
     for batch in eval_batches(dataset, micro_batch_size, rank(), world_size(), collate):
         batch = to_device(batch)
@@ -157,8 +161,6 @@ def _broadcast(obj):
 
 
 def _save(path: str, columns: Columns, meta: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in columns.items()}, tmp, metadata=meta)
@@ -166,8 +168,6 @@ def _save(path: str, columns: Columns, meta: Dict[str, str]) -> None:
 
 
 def _load(path: str) -> Columns:
-    from safetensors.torch import load_file
-
     return load_file(path)
 
 
@@ -189,8 +189,6 @@ def load_or_compute(
 
     Returns ({split: columns}, {split: {"path", "key", "computed"}}). All ranks must call it.
     """
-    from align.engine.deepspeed_engine import rank
-
     cache_dir = cache_dir or default_cache_dir()
     info, out = {}, {}
     for name, ds in splits.items():

@@ -17,7 +17,7 @@ from align.errors import ConfigError
 STAGES = {
     "sft": ("rlhf.sft", "configs/sft/default.yaml", "SFTConfig"),
     "reward_model": ("reward_model.train", "configs/reward_model/default.yaml", "RMConfig"),
-    "dpo": ("direct.trainer", "configs/dpo/default.yaml", "DPOConfig"),
+    "dpo": ("direct.dpo", "configs/dpo/default.yaml", "DPOConfig"),
     "kto": ("direct.kto", "configs/kto/default.yaml", "KTOConfig"),
     "ppo": ("rlhf.ppo", "configs/ppo/default.yaml", "PPOConfig"),
 }

@@ -121,3 +121,15 @@ def normalize_rewards(r: torch.Tensor, mean: Number, std: Number, eps: float = 1
     """(r - mean) / (std + eps), e.g. with mean/std measured on a held-out set after RM training
     so PPO sees scores of scale ~1. r: any shape."""
     return (r - mean) / (std + eps)
+
+
+def reward_normalization(config, default: Optional[Tuple[float, float]] = (0.0, 1.0)) -> Optional[Tuple[float, float]]:
+    """(mean, std) that the reward-model stage stored in the model's config.json (`reward_mean`,
+    `reward_std`: the eval split's reward statistics), for ``normalize_rewards``; the one reader
+    of them (PPO, evaluation, scoring). A config without them (any other sequence-classification
+    model) gives `default`, (0, 1) so scores pass unchanged, or None to let the caller say so.
+    """
+    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    if mean is None or std is None:
+        return default
+    return float(mean), float(std)

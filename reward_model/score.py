@@ -25,6 +25,14 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from align.config import DataConfig, ModelConfig
+from align.data.collate import collate_sft
+from align.data.errors import DataError, RowProblem
+from align.data.formats import check_text, prompt_of
+from align.data.tokenize import encode_prompts, encode_responses, uses_chat_template
+from align.models.builders import build_scalar_model, build_tokenizer, sequence_scores
+from reward_model.loss import normalize_rewards, reward_normalization
+
 log = logging.getLogger("reward_model.score")
 
 
@@ -41,33 +49,30 @@ class RewardScorer:
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device: Optional[str] = None, normalize: bool = True,
-                        use_chat_template: bool = True) -> "RewardScorer":
+                        use_chat_template: bool = True, revision: Optional[str] = None,
+                        trust_remote_code: bool = False) -> "RewardScorer":
         """Loads a reward model saved by the reward-model stage (or any one-label
-        sequence-classification model); `device` defaults to the GPU when there is one."""
-        from transformers import AutoModelForSequenceClassification
-
-        from align.models.tokenizer import load_tokenizer
-
+        sequence-classification model) through align.models.builders; `device` defaults to the
+        GPU when there is one."""
         if model_dir.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_dir)):
             raise OSError(f"{model_dir}: no such model directory")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device)
+        # Scored as saved: padded batches, fp32, no varlen attention switch.
+        model_cfg = ModelConfig(name_or_path=model_dir, revision=revision, trust_remote_code=trust_remote_code,
+                                padding_free=False)
+        tokenizer = build_tokenizer(model_cfg)
+        model = build_scalar_model(model_cfg, tokenizer).to(device)
         if model.config.num_labels != 1:
             raise ValueError(f"{model_dir}: a reward model has one output, this one has {model.config.num_labels}")
-        config = model.config
-        return cls(model, load_tokenizer(model_dir), getattr(config, "reward_mean", None),
-                   getattr(config, "reward_std", None), normalize, use_chat_template)
+        stats = reward_normalization(model.config, default=None)
+        mean, std = stats if stats is not None else (None, None)
+        return cls(model, tokenizer, mean, std, normalize, use_chat_template)
 
     def encode(self, prompts: Sequence[Any], responses: Sequence[str]) -> List[List[int]]:
         """Token ids of prompt + response + EOS, as the data layer builds training rows.
 
         Raises DataError (a ValueError) naming the row and field of a bad prompt or response.
         """
-        from align.config import DataConfig
-        from align.data.errors import DataError, RowProblem
-        from align.data.formats import check_text, prompt_of
-        from align.data.tokenize import encode_prompts, encode_responses, uses_chat_template
-
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         messages, texts = [], []
@@ -86,10 +91,6 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 16) -> List[float]:
         """One score per (prompt, response); prompts are strings or chat message lists."""
-        from align.data.collate import collate_sft
-        from align.models.builders import sequence_scores
-        from reward_model.loss import normalize_rewards
-
         ids = self.encode(prompts, responses)
         device = next(self.model.parameters()).device
         out: List[float] = []
@@ -105,8 +106,6 @@ class RewardScorer:
 
 def read_rows(path: str) -> List[dict]:
     """Rows of a JSONL file with `prompt` and `response`; DataError names file, row and field."""
-    from align.data.errors import DataError
-
     rows = []
     try:
         with open(path, encoding="utf-8") as fh:
@@ -130,8 +129,6 @@ def read_rows(path: str) -> List[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from align.data.errors import DataError
-
     parser = argparse.ArgumentParser(description="Score {prompt, response} rows with a reward model.")
     parser.add_argument("model_dir", help="reward model directory (the reward-model stage's model/)")
     parser.add_argument("--input", required=True, help="JSONL file of {prompt, response} rows")

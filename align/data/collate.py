@@ -109,3 +109,91 @@ def collate_prompts(examples: List[dict], pad_id: int, pad_to_multiple_of: Optio
         "input_ids": pad(seqs, pad_id, width, left=True),
         "attention_mask": pad([[1] * len(s) for s in seqs], 0, width, left=True),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage-specific batches: reward model, DPO, KTO, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def collate_responses(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    """Right-padded prompt+response rows (B, T) of sampled responses, with the loss mask on the
+    response tokens: for scoring samples (log-probs, reward-model scores)."""
+    return _sequences(prompts, responses, pad_id, None)
+
+
+def collate_scored_pairs(examples: List[dict], pad_id: int) -> Batch:
+    """Reward model: `collate_pairwise` (rows 0..B-1 chosen, B..2B-1 rejected) plus each pair's
+    chosen_index, rejected_index and pair_example (B,) into those rows."""
+    batch = collate_pairwise(examples, pad_id)
+    n = len(examples)
+    batch.update(chosen_index=torch.arange(n), rejected_index=torch.arange(n, 2 * n), pair_example=torch.arange(n))
+    return batch
+
+
+def collate_rankings(examples: List[dict], pad_id: int) -> Batch:
+    """Reward model on K-way rankings (best first): K rows per ranking; its C(K,2) pairs index
+    into them, each weighted 1 / C(K,2) (InstructGPT's per-prompt weighting; the same pairs and
+    weights as reward_model.loss.expand_ranking / ranking_pair_weights)."""
+    rows, chosen, rejected, owner, weights = [], [], [], [], []
+    for i, e in enumerate(examples):
+        base, prompt, k = len(rows), list(e["prompt_ids"]), len(e["responses_ids"])
+        rows += [{"input_ids": prompt + list(r), "loss_mask": [0] * len(prompt) + [1] * len(r)}
+                 for r in e["responses_ids"]]
+        pairs = [(better, worse) for better in range(k) for worse in range(better + 1, k)]
+        for better, worse in pairs:
+            chosen.append(base + better)
+            rejected.append(base + worse)
+            owner.append(i)
+        weights += [1.0 / len(pairs)] * len(pairs)
+    batch = collate_sft(rows, pad_id)
+    batch.update(chosen_index=torch.tensor(chosen), rejected_index=torch.tensor(rejected),
+                 pair_example=torch.tensor(owner), weight=torch.tensor(weights),
+                 margin=torch.zeros(len(chosen)))
+    return batch
+
+
+def collate_indexed_pairs(examples: List[dict], pad_id: int) -> Batch:
+    """DPO: `collate_pairwise` plus each pair's dataset `index` (B,), by which a batch finds its
+    cached reference log-probs."""
+    batch = collate_pairwise(examples, pad_id)
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch
+
+
+def _kl_examples(examples: List[dict]) -> List[dict]:
+    """KTO's fixed mismatched rows: each prompt with its `kl_completion_ids`."""
+    return [{"prompt_ids": e["prompt_ids"], "completion_ids": e["kl_completion_ids"], "label": e["label"]}
+            for e in examples]
+
+
+def collate_kto(examples: List[dict], pad_id: int) -> Batch:
+    """KTO: `collate_binary`'s matched rows and label, the fixed mismatched rows (the
+    `kl_completion_ids` column) as kl_* tensors, and `index` (B,)."""
+    batch = collate_binary(examples, pad_id)
+    kl = collate_binary(_kl_examples(examples), pad_id)
+    for key in ("input_ids", "attention_mask", "loss_mask"):
+        batch[f"kl_{key}"] = kl[key]
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch
+
+
+def collate_kto_reference(examples: List[dict], pad_id: int) -> Batch:
+    """KTO's reference pass: one (2B, T) batch, the B matched rows then the B mismatched rows,
+    and `index` (B,)."""
+    batch = collate_binary(examples + _kl_examples(examples), pad_id)
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch
+
+
+def collate_listwise(examples: List[dict], pad_id: int, k: int) -> Batch:
+    """Listwise DPO on rankings (best first): k blocks of B rows in one (k*B, T) batch, block j
+    holding each example's j-th response (an empty response where a ranking is shorter than k);
+    `mask` (B, k) marks the responses that exist; `index` (B,); `weight` (B,) ones."""
+    prompts = [e["prompt_ids"] for e in examples] * k
+    responses = [e["responses_ids"][j] if j < len(e["responses_ids"]) else [] for j in range(k) for e in examples]
+    batch = _sequences(prompts, responses, pad_id, None)
+    batch["mask"] = torch.tensor([[j < len(e["responses_ids"]) for j in range(k)] for e in examples], dtype=torch.bool)
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    batch["weight"] = torch.ones(len(examples), dtype=torch.float32)
+    return batch

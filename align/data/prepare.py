@@ -136,7 +136,7 @@ def stage_data(cfg: Any) -> List[Tuple[DataConfig, str]]:
     jobs = [(cfg.data, kind)]
     prompts = getattr(cfg, "eval_prompts", None)
     if isinstance(prompts, SourceConfig) and getattr(cfg, "final_samples", 0):
-        # direct.common.load_prompts: the held-out prompts, tokenized like the training prompts.
+        # align.stage.load_prompts: the held-out prompts, tokenized like the training prompts.
         jobs.append((dataclasses.replace(cfg.data, train=[prompts], eval=[], eval_fraction=0.0, packing=False),
                      "prompt"))
     return jobs

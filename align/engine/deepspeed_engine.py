@@ -188,10 +188,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    return all_reduce_sum(t) / world_size()
-
-
 def loss_scale(global_count: float, micro_batches: int, floor: float = 1e-12) -> float:
     """Factor for a micro-batch's SUMMED loss so that the accumulated gradient is the gradient of
     the mean over `global_count` items (tokens, pairs, rows) of the whole global batch.
@@ -436,7 +432,20 @@ def load_checkpoint(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
         raise RuntimeError(f"{ckpt_dir}/{tag}: checkpoint could not be loaded")
     rng_file = _rng_file(ckpt_dir, tag)
     # This rank's own RNG; a checkpoint from an older version or a larger world has none.
-    rng = torch.load(rng_file, weights_only=False) if os.path.exists(rng_file) else client_state["rng"]
+    rng = _load_rng(rng_file) if os.path.exists(rng_file) else client_state["rng"]
     _set_rng_state(rng)
     return client_state
+
+
+# What an RNG file holds besides tensors and plain Python values: numpy's MT19937 key array.
+_RNG_SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
+
+
+def _load_rng(path: str) -> Dict[str, Any]:
+    """A rank's RNG file, with weights_only=True: only tensors, plain values and numpy arrays
+    are allowed to load, so a tampered file cannot run code. (DeepSpeed's own checkpoint files,
+    with the optimizer state and client_state, are loaded by `engine.load_checkpoint`, which
+    passes weights_only=False; see the README's security section.)"""
+    with torch.serialization.safe_globals(_RNG_SAFE_GLOBALS):
+        return torch.load(path, weights_only=True)
 

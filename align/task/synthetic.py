@@ -30,6 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
+from align.cache import cache_dir
+
 ASPECTS = [
     "the movie", "the plot", "the acting", "the music", "the ending", "the script",
     "the cast", "the story", "the director", "the dialogue", "the pacing", "the cinematography",
@@ -98,10 +100,6 @@ def gold_score(prompt: str, response: str) -> float:
     if not clauses:
         return UNPARSEABLE_CLAUSE_SCORE
     return sum(clause_score(c) for c in clauses) / len(clauses)
-
-
-def gold_scores(prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
 
 
 def is_fluent(response: str) -> bool:
@@ -232,10 +230,6 @@ def generate_task(seed: int = 0, sizes: TaskSizes = TaskSizes()) -> Dict[str, Li
 SPLITS = ("sft", "sft_eval", "preferences", "preferences_eval", "binary", "rankings", "prompts",
           "eval_prompts")
 _VERSION = "v1"
-
-
-def cache_dir() -> str:
-    return os.environ.get("ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "align-stack"))
 
 
 def write_task(directory: str, seed: int = 0, sizes: TaskSizes = TaskSizes()) -> Dict[str, str]:

@@ -59,3 +59,38 @@ def test_collate_prompts_left_pads():
     batch = collate_prompts([{"prompt_ids": [1, 2, 3]}, {"prompt_ids": [4]}], PAD)
     assert torch.equal(batch["input_ids"], t([[1, 2, 3], [0, 0, 4]]))
     assert torch.equal(batch["attention_mask"], t([[1, 1, 1], [0, 0, 1]]))
+
+
+def test_collate_responses_scores_sampled_responses():
+    from align.data.collate import collate_responses
+
+    batch = collate_responses([[5, 6], [7]], [[8], [9, 10, 11]], PAD)
+    assert torch.equal(batch["input_ids"], t([[5, 6, 8, 0], [7, 9, 10, 11]]))
+    assert torch.equal(batch["attention_mask"], t([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert torch.equal(batch["loss_mask"], t([[0, 0, 1, 0], [0, 1, 1, 1]]))
+
+
+def test_collate_listwise_puts_rank_j_in_block_j():
+    from align.data.collate import collate_listwise
+
+    examples = [{"prompt_ids": [5], "responses_ids": [[6], [7, 8], [9]], "index": 4},
+                {"prompt_ids": [10, 11], "responses_ids": [[12], [13]], "index": 1}]  # a shorter ranking
+    batch = collate_listwise(examples, PAD, k=3)
+    assert torch.equal(batch["input_ids"], t([[5, 6, 0], [10, 11, 12],      # best responses
+                                              [5, 7, 8], [10, 11, 13],      # second
+                                              [5, 9, 0], [10, 11, 0]]))     # third (none for row 1)
+    assert torch.equal(batch["loss_mask"], t([[0, 1, 0], [0, 0, 1], [0, 1, 1], [0, 0, 1], [0, 1, 0], [0, 0, 0]]))
+    assert torch.equal(batch["mask"], torch.tensor([[True, True, True], [True, True, False]]))
+    assert batch["index"].tolist() == [4, 1] and batch["weight"].tolist() == [1.0, 1.0]
+
+
+def test_collate_indexed_pairs_and_scored_pairs():
+    from align.data.collate import collate_indexed_pairs, collate_scored_pairs
+
+    examples = [{"prompt_ids": [5], "chosen_ids": [6], "rejected_ids": [7, 8], "index": 3},
+                {"prompt_ids": [9], "chosen_ids": [10], "rejected_ids": [11], "index": 0}]
+    dpo, rm = collate_indexed_pairs(examples, PAD), collate_scored_pairs(examples, PAD)
+    assert torch.equal(dpo["input_ids"], rm["input_ids"])
+    assert dpo["index"].tolist() == [3, 0]
+    assert rm["chosen_index"].tolist() == [0, 1] and rm["rejected_index"].tolist() == [2, 3]
+    assert rm["pair_example"].tolist() == [0, 1]

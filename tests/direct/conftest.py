@@ -16,9 +16,9 @@ def sft_gold(sft_model_dir):
 
     from align.config import load_config
     from align.models.builders import build_causal_lm, build_tokenizer
-    from align.task import gold_scorer_for
-    from direct.common import load_prompts, sample_report
-    from direct.trainer import DPOConfig
+    from align.evaluation import held_out_report
+    from align.stage import load_prompts
+    from direct.dpo import DPOConfig
 
     cfg = load_config(DPOConfig, "configs/dpo/default.yaml", [f"model.name_or_path={sft_model_dir}"])
     tokenizer = build_tokenizer(cfg.model)
@@ -29,8 +29,7 @@ def sft_gold(sft_model_dir):
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    return sample_report(generate, tokenizer, prompts["prompt_ids"], prompts["prompt_text"], cfg.sampling, cfg.seed,
-                         gold_scorer_for([cfg.eval_prompts.path]))
+    return held_out_report(generate, tokenizer, prompts, cfg.sampling, cfg.seed, [cfg.eval_prompts.path])
 
 
 def _read_metrics(run_dir):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from align.config import load_config
-from direct import trainer
+from direct import dpo as recipe
+from reward_model.labellers import make_labeller
 
 TRAIN = '[{path: "builtin:preferences", max_rows: 640}]'
 EVAL = '[{path: "builtin:preferences_eval", max_rows: 64}]'
@@ -21,7 +22,7 @@ def _config(run_dir, quick, model_dir, **overrides):
     base = {"model.name_or_path": model_dir, "data.train": TRAIN, "data.eval": EVAL, "deepspeed.micro_batch_size": 16,
             "train.eval_every": 0, "train.save_every": 0, "train.log_every": 1, "final_samples": 0}
     base.update(overrides)
-    return load_config(trainer.DPOConfig, "configs/dpo/default.yaml", quick(run_dir, **base))
+    return load_config(recipe.DPOConfig, "configs/dpo/default.yaml", quick(run_dir, **base))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def dpo(sft_model_dir, sft_gold, quick, read_metrics, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dpo")
     cfg = _config(run_dir, quick, sft_model_dir, **{"train.max_steps": 20, "optim.lr": 1e-3, "optim.warmup_steps": 5,
                                                     "deepspeed.micro_batch_size": 32, "final_samples": sft_gold["samples/n"]})
-    return trainer.run(cfg, reuse=False), read_metrics(run_dir)
+    return recipe.run(cfg, reuse=False), read_metrics(run_dir)
 
 
 def test_dpo_starts_at_ln2_and_learns_the_preferences(dpo):
@@ -59,7 +60,7 @@ def test_ipo_reuses_the_reference_cache_and_learns(dpo, sft_model_dir, quick, re
     cfg = _config(tmp_path, quick, sft_model_dir, **{"loss.name": "ipo", "loss.beta": 0.5, "train.max_steps": 12,
                                                      "optim.lr": 2e-3, "optim.warmup_steps": 3,
                                                      "deepspeed.micro_batch_size": 32})
-    summary = trainer.run(cfg, reuse=False)
+    summary = recipe.run(cfg, reuse=False)
     cache = summary["reference_cache"]
     assert not cache["train"]["computed"] and not cache["eval"]["computed"]  # no reference forward
     assert {k: v["path"] for k, v in cache.items()} == paths
@@ -83,7 +84,7 @@ def test_reference_free_losses_fit_a_batch(name, overrides, sft_model_dir, quick
         "loss.name": name, "train.max_steps": 10, "optim.lr": 1e-3, "optim.warmup_steps": 0,
         "deepspeed.micro_batch_size": 32, "data.train": '[{path: "builtin:preferences", max_rows: 32}]',
         "data.eval": "[]", **overrides})
-    summary = trainer.run(cfg, reuse=False)
+    summary = recipe.run(cfg, reuse=False)
     assert summary["reference_cache"] == {}  # no reference model at all
     metrics = read_metrics(tmp_path)
     assert all(math.isfinite(m["loss"]) for m in metrics.values())
@@ -101,7 +102,7 @@ def test_two_ranks_under_zero3_match_one_rank(dpo, sft_model_dir, quick, read_me
         "train.max_steps": 2, "optim.lr": 1e-3, "optim.warmup_steps": 5, "ray.num_actors": 2,
         "ray.cpus_per_actor": 1, "deepspeed.zero_stage": 3, "deepspeed.param_persistence_threshold": 0,
         "deepspeed.micro_batch_size": 16, "reference_cache": str(tmp_path / "cache")})
-    summary = trainer.run(cfg, reuse=False)
+    summary = recipe.run(cfg, reuse=False)
     one, two = dpo[1], read_metrics(tmp_path / "run")
     for key in ("loss", "logps/chosen", "logps/rejected"):
         assert two[1][key] == pytest.approx(one[1][key], rel=1e-5)
@@ -122,10 +123,10 @@ def test_loss_config_is_checked():
     from align.config import ConfigError
 
     with pytest.raises(ConfigError, match="not one of .*'dpo'"):
-        load_config(trainer.DPOConfig, "configs/dpo/default.yaml", ["loss.name=dpp"])
+        load_config(recipe.DPOConfig, "configs/dpo/default.yaml", ["loss.name=dpp"])
     with pytest.raises(ConfigError, match="loss.gamma"):
-        load_config(trainer.DPOConfig, "configs/dpo/default.yaml", ["loss.gamma=1.0"])
-    cfg = load_config(trainer.DPOConfig, "configs/dpo/default.yaml", ["loss.name=cdpo", "loss.label_smoothing=0.1"])
+        load_config(recipe.DPOConfig, "configs/dpo/default.yaml", ["loss.gamma=1.0"])
+    cfg = load_config(recipe.DPOConfig, "configs/dpo/default.yaml", ["loss.name=cdpo", "loss.label_smoothing=0.1"])
     assert cfg.loss.hparams() == {"beta": 0.1, "label_smoothing": 0.1}
 
 
@@ -133,7 +134,7 @@ def test_online_rounds_sample_label_and_train(sft_model_dir, quick, read_metrics
     cfg = _config(tmp_path, quick, sft_model_dir, **{
         "online.rounds": 2, "online.steps_per_round": 2, "online.prompts_per_round": 24,
         "online.samples_per_prompt": 4, "online.sampling.max_new_tokens": 32, "optim.lr": 1e-3, "data.eval": "[]"})
-    summary = trainer.run(cfg, reuse=False)
+    summary = recipe.run(cfg, reuse=False)
     assert summary["steps"] == 4
     metrics = read_metrics(tmp_path)
     assert [metrics[s].get("online/round") for s in (1, 2, 3, 4)] == [0, None, 1, None]
@@ -149,13 +150,13 @@ def test_labellers(builtin_tokenizer, tmp_path):
 
     prompts = [[{"role": "user", "content": "Review the movie Iron Road."}]] * 3
     responses = ['{"stars": 5}', "The plot was great.", "The plot was awful."]
-    json_rule = trainer.make_labeller(trainer.OnlineConfig(labeller="json"))
+    json_rule = make_labeller("json", "builtin:prompts")
     assert json_rule(prompts, responses) == [1.0, 0.0, 0.0]
-    gold = trainer.make_labeller(trainer.OnlineConfig(labeller="gold"))
+    gold = make_labeller("gold", "builtin:prompts")
     assert gold(prompts, responses) == [-1.0, 1.0, -1.0]
     # A (random) one-output model saved like the reward-model stage's: scored through RewardScorer.
     model = build_scalar_model(ModelConfig(name_or_path="builtin:tiny-1m"), builtin_tokenizer)
     save_pretrained(model, builtin_tokenizer, str(tmp_path / "rm"))
-    rm = trainer.make_labeller(trainer.OnlineConfig(labeller="reward_model", reward_model=str(tmp_path / "rm")))
+    rm = make_labeller("reward_model", "builtin:prompts", reward_model=str(tmp_path / "rm"))
     scores = rm(prompts, responses)
     assert len(scores) == 3 and len(set(scores)) == 3 and all(math.isfinite(s) for s in scores)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from align.config import load_config
+from align.data.collate import collate_kto, collate_kto_reference
 from direct import kto
 
 
@@ -74,10 +75,10 @@ def test_mismatched_pairs_are_a_fixed_derangement(builtin_tokenizer):
     assert all(len(r) <= 5 for r in rows["kl_completion_ids"])  # cut to fit max_length beside the prompt
     assert [r[0] for r in kto.add_kl_partners(ds, seed=0, max_length=6)["kl_completion_ids"]] == partners
 
-    batch = kto.collate_kto([rows[i] for i in range(3)], pad_id=0)
+    batch = collate_kto([rows[i] for i in range(3)], pad_id=0)
     assert batch["input_ids"].shape[0] == batch["kl_input_ids"].shape[0] == 3
     assert batch["index"].tolist() == [0, 1, 2] and batch["label"].tolist() == [True, False, True]
     assert batch["kl_loss_mask"].sum().item() == sum(len(rows[i]["kl_completion_ids"]) for i in range(3))
-    ref = kto.collate_kto_reference([rows[i] for i in range(3)], pad_id=0)
+    ref = collate_kto_reference([rows[i] for i in range(3)], pad_id=0)
     assert ref["input_ids"].shape[0] == 6
     assert torch.equal(ref["loss_mask"].sum(1)[3:], batch["kl_loss_mask"].sum(1))

@@ -8,8 +8,9 @@ import torch
 
 from align.config import DataConfig, ModelConfig, SourceConfig
 from direct import ref_cache
-from direct.common import with_index
-from direct.trainer import PAIR_PARTS, PAIR_TOKENS, collate_pairs
+from align.data.collate import collate_indexed_pairs
+from direct.dpo import PAIR_PARTS, PAIR_TOKENS
+from direct.reference import with_index
 
 
 def _pairs(tokenizer, rows=24, max_length=128):
@@ -34,7 +35,7 @@ def _get(tokenizer, model, ds, cache_dir, builds, ref_id="ref-a", micro_batch_si
         return model
 
     return ref_cache.load_or_compute(
-        {"train": ds}, ref_id=ref_id, build_model=build, collate=partial(collate_pairs, pad_id=tokenizer.pad_token_id),
+        {"train": ds}, ref_id=ref_id, build_model=build, collate=partial(collate_indexed_pairs, pad_id=tokenizer.pad_token_id),
         parts=PAIR_PARTS, token_columns=PAIR_TOKENS, micro_batch_size=micro_batch_size, cache_dir=str(cache_dir))
 
 

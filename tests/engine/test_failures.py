@@ -14,7 +14,7 @@ from ray.util.placement_group import placement_group_table
 
 from align.config import RayConfig
 from align.engine.ray_group import ActorGroup, GroupError
-from align.engine.toy_role import ToyRole
+from tests.engine.toy_worker import ToyWorker
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def _fail(name, how):
     group = ActorGroup(name, RayConfig(num_actors=2, cpus_per_actor=1.0))
     try:
         # Rank 1 fails at the start of step 2; rank 0 enters the step's all-reduce and waits.
-        group.setup(ToyRole, zero_stage=2, micro_batch_size=4, fail_at=(2, 1, how))
+        group.setup(ToyWorker, zero_stage=2, micro_batch_size=4, fail_at=(2, 1, how))
         actors, pg = list(group.actors), group.pg
         start = time.monotonic()
         with pytest.raises(GroupError) as info:
@@ -47,7 +47,7 @@ def test_rank_that_raises(ray_session):
     assert (err.group, err.rank) == ("raiser", 1)
     assert "ValueError: boom at step 2" in err.cause
     assert "group 'raiser' rank 1" in str(err) and "boom at step 2" in str(err)
-    assert "toy_role.py" in str(err)  # the remote traceback comes along
+    assert "toy_worker.py" in str(err)  # the remote traceback comes along
     _assert_gone(actors, pg)
 
 

@@ -19,7 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from align.engine.toy_role import train_toy
+from tests.engine.toy_worker import train_toy
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
 
     from align.config import RayConfig
     from align.engine.ray_group import ActorGroup, start_ray
-    from align.engine.toy_role import ToyRole
+    from tests.engine.toy_worker import ToyWorker
 
     node = dict(num_cpus=1, object_store_memory=100 * 1024**2)
     cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
@@ -101,7 +101,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
         cfg = RayConfig(num_actors=2, cpus_per_actor=1.0, placement_strategy="STRICT_SPREAD")
         group = ActorGroup("spread", cfg)
         try:
-            group.setup(ToyRole, zero_stage=3, micro_batch_size=4)
+            group.setup(ToyWorker, zero_stage=3, micro_batch_size=4)
             metrics = group.call("train", 2)[0]
             node_ids = group.node_ids
         finally:

@@ -13,7 +13,7 @@ import torch
 
 from align.config import RayConfig
 from align.engine.ray_group import ActorGroup
-from align.engine.toy_role import ToyRole
+from tests.engine.toy_worker import ToyWorker
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ ROLE = dict(micro_batch_size=4, rank_seeded=True, scheduler="linear", warmup_ste
 
 def _group(name, n=2, **role):
     group = ActorGroup(name, RayConfig(num_actors=n, cpus_per_actor=1.0))
-    group.setup(ToyRole, **role)
+    group.setup(ToyWorker, **role)
     return group
 
 

@@ -78,5 +78,5 @@ def test_the_driver_prepares_what_each_stage_loads(stage, kinds):
     jobs = prep.stage_data(cfg)
     assert [kind for _, kind in jobs] == kinds
     assert jobs[0][0] == cfg.data
-    if len(jobs) > 1:  # direct.common.load_prompts: the held-out prompts as their own training split
+    if len(jobs) > 1:  # align.stage.load_prompts: the held-out prompts as their own training split
         assert jobs[1][0].train == [cfg.eval_prompts] and jobs[1][0].eval == [] and not jobs[1][0].packing

@@ -76,7 +76,7 @@ def test_ppo_rollout_row_stops_at_end_of_turn(smollm2_dir, smol_tokenizer):
 
     from align.data.tokenize import encode_prompts
     from align.generation import SamplingConfig, sample
-    from rlhf.ppo_roles import collate_rows
+    from align.data.collate import collate_rows
 
     tok = smol_tokenizer
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

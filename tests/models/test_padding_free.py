@@ -200,7 +200,7 @@ def test_export_does_not_record_the_varlen_attention(lm, builtin_tokenizer, tmp_
 
 def test_padding_free_is_on_by_default_and_set_from_the_command_line():
     from align.config import ConfigError, load_config
-    from direct.trainer import DPOConfig
+    from direct.dpo import DPOConfig
 
     assert load_config(DPOConfig).model.padding_free is True
     assert load_config(DPOConfig, overrides=["model.padding_free=false"]).model.padding_free is False

@@ -111,3 +111,14 @@ def test_reward_stats():
 
 def test_normalize_rewards():
     close(normalize_rewards(t([1.0, 3.0]), mean=2.0, std=0.5, eps=0.0), [-2.0, 2.0])
+
+
+def test_reward_normalization_is_read_from_the_config():
+    from types import SimpleNamespace
+
+    from reward_model.loss import reward_normalization
+
+    assert reward_normalization(SimpleNamespace(reward_mean=0.25, reward_std=2)) == (0.25, 2.0)
+    assert reward_normalization(SimpleNamespace()) == (0.0, 1.0)  # not a stage's reward model
+    assert reward_normalization(SimpleNamespace(reward_mean=0.25)) == (0.0, 1.0)  # half a pair is none
+    assert reward_normalization(SimpleNamespace(reward_mean=None, reward_std=None), default=None) is None

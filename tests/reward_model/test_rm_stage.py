@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from align.config import DataConfig, ModelConfig, SourceConfig, load_config
+from align.data.collate import collate_rankings, collate_scored_pairs
 from align.tracking import read_metrics
 from reward_model import train
 from reward_model.loss import bradley_terry_loss
@@ -92,7 +93,7 @@ def ranking_batches(builtin_tokenizer):
         ds = tokenize_rows(load_rows(source, kind, data_cfg, seed=0), kind, tok, data_cfg)
         return [dict(zip(ds.column_names, values)) for values in zip(*ds[:].values())]
 
-    return train.collate_rankings(rows("ranking"), pad), train.collate_pairs(rows("pairwise"), pad)
+    return collate_rankings(rows("ranking"), pad), collate_scored_pairs(rows("pairwise"), pad)
 
 
 def test_ranking_collate_by_hand(ranking_batches):

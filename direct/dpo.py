@@ -1,7 +1,10 @@
 """Direct preference optimisation from pairs: one recipe for every loss of `PAIRWISE_LOSSES`
-(DPO, cDPO, IPO, robust DPO, hinge/SLiC, GPO, DiscoPOP, SimPO, ORPO, RPO), picked by `loss.name`.
+(DPO, cDPO, IPO, robust DPO, hinge/SLiC, GPO, DiscoPOP, SimPO, ORPO, RPO), picked by `loss.name`;
+and from K-way rankings with `loss.name: plackett_luce` (the DPO paper's listwise form,
+direct/listwise.py): the K responses of a prompt in one forward, their reference log-probs cached
+like the pairs'.
 
-    python -m direct.trainer --config configs/dpo/default.yaml loss.name=ipo loss.beta=0.5
+    python -m direct.dpo --config configs/dpo/default.yaml loss.name=ipo loss.beta=0.5
 
 Per step: chosen and rejected responses of the micro-batch go through the policy in ONE
 concatenated (2B, T) forward; reference log-probs come from an on-disk cache computed once
@@ -18,22 +21,37 @@ a pair, and the round trains on those pairs.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import datasets
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from align.config import ConfigError, DataConfig, SourceConfig, check_choice
-from align.generation import SamplingConfig
-from direct.common import (DirectConfig, Means, cached_reference, check_model_exists, final_samples, load_prompts,
-                           run_inputs, with_index)
+from align.data.batching import BatchIterator
+from align.data.collate import collate_indexed_pairs, collate_listwise
+from align.engine import deepspeed_engine as de
+from align.evaluation import held_out_report
+from align.generation import SamplingConfig, groups, sample_per_prompt
+from align.metrics import Means
+from align.models.builders import build_causal_lm, build_tokenizer
+from align.models.logprobs import pair_logprobs
+from align.stage import StageWorker, Throughput, eval_batches, load_prompts, load_tokenized, planned_steps, run_recipe, \
+    stage_main
+from align.models.logprobs import sequence_logprobs
+from direct.losses import PAIRWISE_LOSSES, LossSpec, pairwise_loss, plackett_luce_dpo_loss
+from direct.ref_cache import lookup
+from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, with_index
+from reward_model.labellers import LABELLERS, make_labeller
 
 PAIR_PARTS = ("chosen", "rejected")
 PAIR_TOKENS = ("prompt_ids", "chosen_ids", "rejected_ids")
 LOSS_HPARAMS = ("beta", "label_smoothing", "gamma", "tau", "alpha")
+# Listwise DPO on rankings (not a pairwise loss): needs the reference, takes beta only.
+PLACKETT_LUCE = LossSpec("plackett_luce", plackett_luce_dpo_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +62,7 @@ LOSS_HPARAMS = ("beta", "label_smoothing", "gamma", "tau", "alpha")
 @dataclass
 class LossConfig:
     # A key of direct.losses.PAIRWISE_LOSSES: dpo, cdpo, ipo, robust, hinge, slic, gpo_*,
-    # discopop, simpo, orpo, rpo.
+    # discopop, simpo, orpo, rpo; or plackett_luce (listwise DPO: data.train must be rankings).
     name: str = "dpo"
     # Unset (null) values take the loss function's own default. beta: DPO's beta (strength of
     # the implicit KL penalty); IPO's tau; SimPO's beta (reward scale); ORPO's lambda.
@@ -59,17 +77,19 @@ class LossConfig:
     alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
-        from direct.losses import PAIRWISE_LOSSES
-
-        if self.name not in PAIRWISE_LOSSES:
-            raise ConfigError(f"loss.name: {self.name!r} is not one of {sorted(PAIRWISE_LOSSES)}")
-        spec = PAIRWISE_LOSSES[self.name]
+        if self.name not in PAIRWISE_LOSSES and self.name != PLACKETT_LUCE.name:
+            raise ConfigError(f"loss.name: {self.name!r} is not one of "
+                              f"{sorted(PAIRWISE_LOSSES) + [PLACKETT_LUCE.name]}")
+        spec = self.spec()
         extra = [k for k in LOSS_HPARAMS if getattr(self, k) is not None and k not in spec.hparams]
         if extra:
             raise ConfigError(f"loss.{extra[0]}: loss {self.name!r} takes only {list(spec.hparams)}")
         missing = [k for k in spec.required if getattr(self, k) is None]
         if missing:
             raise ConfigError(f"loss.{missing[0]}: loss {self.name!r} needs it set")
+
+    def spec(self) -> LossSpec:
+        return PLACKETT_LUCE if self.name == PLACKETT_LUCE.name else PAIRWISE_LOSSES[self.name]
 
     def hparams(self) -> Dict[str, float]:
         """The hyperparameters to pass: those the loss accepts and the config sets."""
@@ -93,7 +113,7 @@ class OnlineConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
 
     def __post_init__(self) -> None:
-        check_choice("online.labeller", self.labeller, ["gold", "reward_model", "json"])
+        check_choice("online.labeller", self.labeller, list(LABELLERS))
         if self.labeller == "reward_model" and self.rounds and not self.reward_model:
             raise ConfigError("online.reward_model: needed with online.labeller=reward_model")
         if self.rounds and (self.steps_per_round < 1 or self.samples_per_prompt < 2):
@@ -111,47 +131,52 @@ class DPOConfig(DirectConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.name == PLACKETT_LUCE.name and self.online.rounds:
+            raise ConfigError("online.rounds: online rounds label pairs; loss.name=plackett_luce trains on "
+                              "the rankings of data.train (set online.rounds=0)")
+
 
 # ---------------------------------------------------------------------------------------------
 # The pairwise worker
 # ---------------------------------------------------------------------------------------------
 
 
-def collate_pairs(examples: List[dict], pad_id: int) -> Dict[str, torch.Tensor]:
-    """collate_pairwise plus each pair's dataset `index`."""
-    from align.data.collate import collate_pairwise
-
-    batch = collate_pairwise(examples, pad_id)
-    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
-    return batch
-
-
-class DPOWorker:
+class DPOWorker(StageWorker):
     """One rank of a pairwise preference stage."""
 
     def __init__(self, cfg: DPOConfig):
-        from align.engine import deepspeed_engine as de
-        from align.models.builders import build_causal_lm, build_tokenizer
-        from align.stage import load_tokenized, planned_steps
-        from direct.losses import PAIRWISE_LOSSES
-
-        self.cfg, self.de = cfg, de
-        self.spec = PAIRWISE_LOSSES[cfg.loss.name]
+        self.cfg = cfg
+        self.spec = cfg.loss.spec()
+        self.listwise = self.spec is PLACKETT_LUCE
         self.hparams = cfg.loss.hparams()
         de.seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg.model)
-        self.collate = partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
-        train, evals, self.report = load_tokenized(cfg.data, "pairwise", self.tokenizer, cfg.seed)
+        train, evals, self.report = load_tokenized(cfg.data, "ranking" if self.listwise else "pairwise",
+                                                   self.tokenizer, cfg.seed)
         self.train_rows, self.eval_rows = with_index(train), with_index(evals)
-        self.prompts = load_prompts(cfg.eval_prompts, cfg, self.tokenizer) if cfg.final_samples else None
+        self.parts, self.token_columns = PAIR_PARTS, PAIR_TOKENS
+        self.collate = partial(collate_indexed_pairs, pad_id=self.tokenizer.pad_token_id)
+        if self.listwise:  # one part per rank position, up to the longest ranking
+            k = max(len(r) for rows in (train, evals) if rows is not None for r in rows["responses_ids"])
+            self.parts, self.token_columns = tuple(f"rank{j}" for j in range(k)), ("prompt_ids", "responses_ids")
+            self.collate = partial(collate_listwise, pad_id=self.tokenizer.pad_token_id, k=k)
+        self.prompts = None
+        if cfg.final_samples:
+            prompts = load_prompts(cfg.eval_prompts, cfg, self.tokenizer)
+            self.prompts = prompts.select(range(min(cfg.final_samples, len(prompts))))
         self.online_prompts = load_prompts(cfg.online.prompts, cfg, self.tokenizer) if cfg.online.rounds else None
-        self.labeller = make_labeller(cfg.online) if cfg.online.rounds else None
+        self.labeller = None
+        if cfg.online.rounds:
+            self.labeller = make_labeller(cfg.online.labeller, cfg.online.prompts.path, cfg.online.reward_model,
+                                          cfg.model.trust_remote_code)
         # Reference log-probs first: the reference is built (on a cache miss), used and freed
         # before the policy engine exists.
         self.ref, self.ref_info = {}, {}
         if self.spec.needs_reference:
             splits = {"eval": self.eval_rows} if cfg.online.rounds else {"train": self.train_rows, "eval": self.eval_rows}
-            self.ref, self.ref_info = cached_reference(cfg, self.tokenizer, splits, self.collate, PAIR_PARTS, PAIR_TOKENS)
+            self.ref, self.ref_info = cached_reference(cfg, self.tokenizer, splits, self.collate, self.parts,
+                                                       self.token_columns)
         self.batches = self._batches(self.train_rows, cfg.seed)
         self.data_iter = iter(self.batches)
         if cfg.online.rounds:
@@ -160,23 +185,12 @@ class DPOWorker:
             self.total_steps = planned_steps(cfg.train, len(self.batches), cfg.deepspeed.grad_accum_steps)
         model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
         self.engine = de.init_train_engine(model, cfg.deepspeed, cfg.optim, self.total_steps)
-        self.step, self.throughput, self.round_metrics = 0, None, {}
-        if cfg.train.resume:
-            state = de.load_checkpoint(self.engine, self._ckpt_dir())
-            if state is not None:
-                self.step = state["step"]
-                if not cfg.online.rounds:  # online: a resumed run starts a fresh round
-                    self.batches.load_state_dict(state["data"])
-                    self.data_iter = iter(self.batches)
+        self.throughput, self.round_metrics = None, {}
+        self.resume(restore_data=not cfg.online.rounds)  # online: a resumed run starts a fresh round
 
     def _batches(self, rows, seed: int):
-        from align.data.batching import BatchIterator
-
-        return BatchIterator(rows, self.cfg.deepspeed.micro_batch_size, seed, self.de.rank(), self.de.world_size(),
+        return BatchIterator(rows, self.cfg.deepspeed.micro_batch_size, seed, de.rank(), de.world_size(),
                              collate_fn=self.collate)
-
-    def _ckpt_dir(self) -> str:
-        return os.path.join(self.cfg.run_dir, "checkpoints")
 
     def plan(self) -> Dict[str, Any]:
         return {"total_steps": self.total_steps, "start_step": self.step,
@@ -186,11 +200,9 @@ class DPOWorker:
                             "reference_cache": self.ref_info}}
 
     def pair_losses(self, batch: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]):
-        """Per-pair losses (B,) with grad, and per-pair statistics for the metrics."""
-        from align.models.logprobs import pair_logprobs
-        from direct.losses import pairwise_loss
-        from direct.ref_cache import lookup
-
+        """Per-pair (or per-ranking) losses (B,) with grad, and per-example statistics for the metrics."""
+        if self.listwise:
+            return self.ranking_losses(batch, ref)
         n = batch["weight"].shape[0]
         # Each pair's prompt is forwarded once (padding-free forwards with the varlen attention).
         lp = pair_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
@@ -211,20 +223,35 @@ class DPOWorker:
             stats["nll"] = inputs["chosen_nll"]
         return losses, stats
 
-    def train_step(self) -> Dict[str, float]:
-        from align.stage import Throughput
+    def ranking_losses(self, batch: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]):
+        """Plackett-Luce losses (B,) of K-way rankings; chosen = the best response, rejected =
+        the worst one of each ranking."""
+        mask = batch["mask"]
+        b, k = mask.shape
+        lp = sequence_logprobs(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                               padding_free=self.cfg.model.padding_free)
+        logps = lp.sum.view(k, b).t()  # (B, K): block j of the batch holds every ranking's j-th response
+        ref_logps = torch.stack([lookup(ref, batch["index"], part, "sum") for part in self.parts], dim=1)
+        losses, rewards = plackett_luce_dpo_loss(logps, ref_logps, mask=mask, **self.hparams)
+        last = (mask.long().sum(1) - 1)[:, None]  # each ranking's worst response
+        chosen, rejected = rewards[:, 0], rewards.gather(1, last)[:, 0]
+        stats = {"loss": losses, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                 "rewards/margins": chosen - rejected, "rewards/accuracies": (chosen > rejected).float(),
+                 "logps/chosen": logps[:, 0].detach(), "logps/rejected": logps.gather(1, last)[:, 0].detach()}
+        return losses, stats
 
-        de, engine = self.de, self.engine
+    def train_step(self) -> Dict[str, float]:
+        engine = self.engine
         self.throughput = self.throughput or Throughput()
         if self.cfg.online.rounds and self.step % self.cfg.online.steps_per_round == 0:
             self.round_metrics = self._online_round(self.step // self.cfg.online.steps_per_round)
         batches = [de.to_device(next(self.data_iter)) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
         # The loss is sum(w * l) / sum(w) over the global batch: each micro-batch backpropagates
-        # its share, scaled to undo DeepSpeed's 1/grad_accum and rank averaging (as in SFT).
+        # its share (de.loss_scale).
         local = torch.tensor([sum(float(b["weight"].sum()) for b in batches),
                               sum(float(b["attention_mask"].sum()) for b in batches)], device=de.device())
         total_weight, tokens = de.all_reduce_sum(local).tolist()
-        scale = de.world_size() * len(batches) / max(total_weight, 1e-12)
+        scale = de.loss_scale(total_weight, len(batches))
         means = Means()
         for b in batches:
             losses, stats = self.pair_losses(b, self.ref.get("train"))
@@ -240,9 +267,7 @@ class DPOWorker:
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> Dict[str, Any]:
-        from align.stage import eval_batches
-
-        de, engine = self.de, self.engine
+        engine = self.engine
         engine.eval()
         metrics: Dict[str, Any] = {}
         if self.eval_rows is not None:
@@ -255,7 +280,9 @@ class DPOWorker:
                     means.add(name, values, b["weight"] * b["valid"])
             metrics = {f"eval/{k}": v for k, v in means.reduce(de.all_reduce_sum).items()}
         if final and self.prompts is not None:
-            metrics.update(final_samples(self.cfg, de, engine, self.tokenizer, self.prompts))
+            task_paths = [self.cfg.eval_prompts.path, *(s.path for s in self.cfg.data.train)]
+            metrics.update(held_out_report(partial(de.generate, engine), self.tokenizer, self.prompts,
+                                           self.cfg.sampling, self.cfg.seed, task_paths, de.device()))
         engine.train()
         return metrics
 
@@ -263,30 +290,21 @@ class DPOWorker:
 
     def _online_round(self, round_index: int) -> Dict[str, float]:
         """Samples K responses per prompt, labels best/worst pairs, and trains on them next."""
-        import numpy as np
-        import torch.distributed as dist
-
-        from align.generation import sample
-
-        cfg, de = self.cfg.online, self.de
-        world, rank = de.world_size(), de.rank()
+        cfg = self.cfg.online
+        world, rank, k = de.world_size(), de.rank(), cfg.samples_per_prompt
         rng = np.random.default_rng([self.cfg.seed, 7, round_index])
         n = max(world, min(cfg.prompts_per_round, len(self.online_prompts)) // world * world)
         picked = rng.choice(len(self.online_prompts), size=n, replace=n > len(self.online_prompts))
         rows = self.online_prompts.select(picked[rank::world].tolist())  # equal share per rank
-        ids = [p for p in rows["prompt_ids"] for _ in range(cfg.samples_per_prompt)]
-        prompts = [m for m in rows["messages"] for _ in range(cfg.samples_per_prompt)]
-        out = sample(partial(de.generate, self.engine), self.tokenizer, ids, cfg.sampling,
-                     micro_batch_size=self.cfg.deepspeed.micro_batch_size,
-                     seed=self.cfg.seed + 1000 * (round_index + 1) + rank, device=de.device())
-        scores = self.labeller(prompts, out.texts)
-        k = cfg.samples_per_prompt
+        out = sample_per_prompt(partial(de.generate, self.engine), self.tokenizer, rows["prompt_ids"], k,
+                                cfg.sampling, micro_batch_size=self.cfg.deepspeed.micro_batch_size,
+                                seed=self.cfg.seed + 1000 * (round_index + 1) + rank, device=de.device())
+        scores = self.labeller([m for m in rows["messages"] for _ in range(k)], out.texts)
         pairs = []
-        for i in range(len(rows)):
-            group = list(range(i * k, (i + 1) * k))
+        for group in groups(range(len(scores)), k):
             best, worst = max(group, key=lambda j: scores[j]), min(group, key=lambda j: scores[j])
             if scores[best] > scores[worst]:  # ties carry no preference
-                pairs.append((ids[best], out.response_ids[best], out.response_ids[worst]))
+                pairs.append((out.prompt_ids[best], out.response_ids[best], out.response_ids[worst]))
         if dist.is_initialized() and world > 1:
             shares: List = [None] * world
             dist.all_gather_object(shares, pairs)
@@ -303,49 +321,9 @@ class DPOWorker:
         self.data_iter = iter(self.batches)
         return {"online/round": round_index, "online/pairs": len(pairs), "online/score": gathered[0] / gathered[1]}
 
-    # -- saving -------------------------------------------------------------------------------
-
-    def save_checkpoint(self, step: int) -> str:
-        return self.de.save_checkpoint(self.engine, self._ckpt_dir(), step, {"data": self.batches.state_dict()},
-                                       keep=self.cfg.train.keep_checkpoints)
-
-    def export(self, out_dir: str) -> Optional[str]:
-        return self.de.export_hf(self.engine, self.tokenizer, out_dir)
-
-    def close(self) -> None:
-        self.engine = None
-
-
-def make_labeller(cfg: OnlineConfig) -> Callable[[List[list], List[str]], List[float]]:
-    """labeller(prompts as chat messages, responses) -> one score per response (higher is better)."""
-    if cfg.labeller == "json":
-        return lambda prompts, responses: [float(_parses_as_json(r)) for r in responses]
-    if cfg.labeller == "reward_model":
-        from reward_model.score import RewardScorer  # optional: only with this labeller
-
-        scorer = RewardScorer.from_pretrained(cfg.reward_model)
-        return lambda prompts, responses: [float(s) for s in scorer.score(prompts, responses)]
-    from align.task import gold_scorer_for
-
-    gold = gold_scorer_for([cfg.prompts.path])
-    if gold is None:
-        raise ConfigError(f"online.labeller=gold: {cfg.prompts.path} has no gold scorer; "
-                          "use online.labeller=reward_model or json")
-    return lambda prompts, responses: [gold(p[-1]["content"], r) for p, r in zip(prompts, responses)]
-
-
-def _parses_as_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
 
 def _pair_rows(pairs: List[Tuple[List[int], List[int], List[int]]]):
     """Sampled (prompt, chosen, rejected) token ids as rows `collate_pairwise` takes."""
-    import datasets
-
     prompts, chosen, rejected = (list(x) for x in zip(*pairs))
     n = len(pairs)
     return datasets.Dataset.from_dict({"prompt_ids": prompts, "chosen_ids": chosen, "rejected_ids": rejected,
@@ -353,18 +331,12 @@ def _pair_rows(pairs: List[Tuple[List[int], List[int], List[int]]]):
 
 
 def run(cfg: DPOConfig, reuse: bool = True, group: Optional[str] = None) -> Dict[str, Any]:
-    from align.data.sources import data_fingerprint
-    from align.stage import run_stage
-
     check_model_exists(cfg)
     sources = [*cfg.data.train, *cfg.data.eval, cfg.eval_prompts] + ([cfg.online.prompts] if cfg.online.rounds else [])
-    fingerprint = data_fingerprint(sources, cfg.seed)
-    return run_stage(cfg.loss.name, cfg, DPOWorker, fingerprint, inputs=run_inputs(cfg), group_name=group, reuse=reuse)
+    return run_recipe(cfg.loss.name, cfg, DPOWorker, sources, run_inputs(cfg), group, reuse)
 
 
 def main(argv=None) -> int:
-    from align.stage import stage_main
-
     return stage_main(argv, DPOConfig, run, "Direct preference optimisation (DPO and relatives) from pairs.")
 
 

@@ -1,7 +1,7 @@
-"""A tiny training role: a smoke test of a Ray + DeepSpeed cluster, and the engine tests' workload.
+"""A tiny training workload (one `ToyWorker` per rank): a smoke test of a Ray + DeepSpeed cluster, and the engine tests' workload.
 
-    python -m align.engine.toy_role --actors 2 --zero 3            # local Ray
-    python -m align.engine.toy_role --actors 4 --address auto      # an existing cluster
+    python -m tests.engine.toy_worker --actors 2 --zero 3            # local Ray
+    python -m tests.engine.toy_worker --actors 4 --address auto      # an existing cluster
 
 trains a built-in tiny model for a few steps on 1 actor and then on N actors with the same global
 batch, prints both loss trajectories, and exits non-zero when they differ by more than float32
@@ -28,7 +28,7 @@ import torch
 from align.config import DeepSpeedConfig, ModelConfig, OptimConfig
 
 
-class ToyRole:
+class ToyWorker:
     """One rank of a toy causal-LM training run (built on every rank by `ActorGroup.setup`).
 
     `fail_at=(step, rank, how)` makes `rank` fail at the start of training step `step` (1-based)
@@ -166,7 +166,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def train_toy(num_actors: int, steps: int, name: str = "toy", cpus_per_actor: float = 1.0,
               placement: str = "PACK", **role_kwargs: Any) -> List[Dict[str, float]]:
-    """Trains a `ToyRole` group of `num_actors` for `steps` steps on the running Ray; returns
+    """Trains a `ToyWorker` group of `num_actors` for `steps` steps on the running Ray; returns
     the per-step metrics (rank 0's; every rank reports the same). The group is shut down after."""
     from align.config import RayConfig
     from align.engine.ray_group import ActorGroup
@@ -174,7 +174,7 @@ def train_toy(num_actors: int, steps: int, name: str = "toy", cpus_per_actor: fl
     cfg = RayConfig(num_actors=num_actors, cpus_per_actor=cpus_per_actor, placement_strategy=placement)
     group = ActorGroup(name, cfg)
     try:
-        group.setup(ToyRole, **role_kwargs)
+        group.setup(ToyWorker, **role_kwargs)
         return group.call("train", steps)[0]
     finally:
         group.shutdown()
