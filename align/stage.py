@@ -126,6 +126,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
             initial = group.call("evaluate")[0]
             tracker.log(initial, 0)
         tokens, last = 0.0, {}
+        costs = runs.CostLedger(run_dir.path, start)  # cost of the whole training, across resumes
         bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, disable=None)
         for step in range(start + 1, total + 1):
             metrics = group.call("train_step")[0]
@@ -138,6 +139,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 tracker.log(group.call("evaluate")[0], step)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
+                costs.checkpoint(step, tokens, time.time() - started)
                 group.call("save_checkpoint", step)
         bar.close()
         final = group.call("evaluate", final=True)[0]
@@ -149,6 +151,9 @@ def run_stage(stage: str, cfg: StageConfig, worker: Callable, data_fingerprint: 
             "final_train": {k: v for k, v in last.items() if isinstance(v, (int, float))},
             "initial_eval": initial, "final_eval": final, **plan.get("summary", {}),
         }
+        totals = costs.totals(tokens, time.time() - started)
+        summary.update(wall_time_s=totals["wall_time_s"], train_tokens=totals["train_tokens"],
+                       cost_segments=totals["segments"])
         tracker.summary({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
         runs.finish(run_dir, summary)
         return summary
