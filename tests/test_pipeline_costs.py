@@ -41,3 +41,20 @@ def test_resumed_run_counts_the_whole_training(ray_session, quick, tmp_path):
     assert [row["step"] for row in ledger] == [2, 4, 4]  # the killed run's 2 and 4, then the resumed run's 4
     assert ledger[0]["train_tokens"] == sum(per_step[:2]) and ledger[2]["train_tokens"] == sum(per_step[:4])
     assert resumed["wall_time_s"] > ledger[0]["wall_time_s"]
+
+
+def test_cost_ledger_by_hand(tmp_path):
+    """Segment 1 reaches checkpoints 2 and 4 and dies; segment 2 resumes from 2 (checkpoint 4
+    was lost), redoes 3-4, checkpoints 4 and dies; segment 3 resumes from 4 and finishes."""
+    from align.run import CostLedger
+
+    first = CostLedger(str(tmp_path), 0)
+    first.checkpoint(2, 100.0, 10.0)
+    first.checkpoint(4, 200.0, 20.0)
+    second = CostLedger(str(tmp_path), 2)  # starts from 100 tokens, 10 s, 1 segment
+    second.checkpoint(4, 90.0, 7.0)
+    third = CostLedger(str(tmp_path), 4)  # the last line for step 4: 190 tokens, 17 s, 2 segments
+    assert third.totals(50.0, 5.0) == {"train_tokens": 240.0, "wall_time_s": 22.0, "segments": 3}
+    # a fresh start (step 0) forgets the old ledger
+    assert CostLedger(str(tmp_path), 0).totals(1.0, 1.0) == {"train_tokens": 1.0, "wall_time_s": 1.0, "segments": 1}
+    assert not (tmp_path / "costs.jsonl").exists()
