@@ -1,6 +1,7 @@
 """Sweeps and seeds end to end on a tiny pipeline: one shared SFT, DPO at two betas x two seeds,
-and a KTO sweep with one member that cannot run. Asserts on the report's numbers, the member
-runs' files and the wandb runs; then the same seed rerun is bitwise equal and another seed not."""
+plus a third beta whose value is invalid, so its members fail while the others run. Asserts on
+the report's numbers, the member runs' files and the wandb runs; then the same seed rerun is
+bitwise equal and another seed not."""
 
 import glob
 import json
@@ -21,20 +22,13 @@ stages:
   sft:
     stage: sft
     method: sft
-    overrides: {{final_samples: 0, train: {{max_steps: 40, eval_every: 0, save_every: 0}}}}
+    overrides: {{final_samples: 0, train: {{max_steps: 30, eval_every: 0, save_every: 0}}}}
   dpo:
     stage: dpo
     method: dpo
     inputs: {{model.name_or_path: sft}}
-    sweep: {{loss.beta: [0.05, 1.0]}}
-    overrides: {{final_samples: 0, train: {{max_steps: 12, eval_every: 0, save_every: 0, log_every: 1}}}}
-  kto:
-    stage: kto
-    method: kto
-    seeded: false
-    inputs: {{model.name_or_path: sft}}
-    sweep: {{data.train: [[{{path: "builtin:binary"}}], [{{path: "{root}/missing/binary.jsonl"}}]]}}
-    overrides: {{final_samples: 0, train: {{max_steps: 6, eval_every: 0, save_every: 0}}}}
+    sweep: {{loss.beta: [0.05, 1.0, oops]}}
+    overrides: {{final_samples: 0, train: {{max_steps: 8, eval_every: 0, save_every: 0, log_every: 1}}}}
 evaluation:
   baseline: sft
   num_prompts: 24
@@ -62,16 +56,16 @@ def test_every_member_runs_in_its_folder_and_the_failure_is_reported(sweep_run):
             cfg = yaml.safe_load(open(os.path.join(root, "dpo", f"beta{beta}-s{seed}", "config.yaml")))
             assert cfg["seed"] == seed and cfg["loss"]["beta"] == float(beta)
             # every seed's DPO starts from the one shared SFT run (not swept, the baseline)
-            assert cfg["model"]["name_or_path"] == os.path.join(root, "sft", "model") and done["steps"] == 12
-    assert os.path.exists(os.path.join(root, "kto", "train1", "DONE.json"))
-    assert list(result["failed"]) == ["kto/train2"]
+            assert cfg["model"]["name_or_path"] == os.path.join(root, "sft", "model") and done["steps"] == 8
+    assert sorted(result["failed"]) == ["dpo/betaoops-s1", "dpo/betaoops-s2"]
+    assert all("loss.beta" in error for error in result["failed"].values())
 
     report = json.load(open(result["report_json"]))
     entries = {(r["method"], r["setting"], r["seed"]): r for r in report["methods"]}
-    assert set(entries) == {("sft", "default", 0), ("kto", "train1", 0),
-                            *{("dpo", f"beta{b}", s) for b in ("0.05", "1.0") for s in (1, 2)}}
-    assert [f["run"] for f in report["failed"]] == ["kto/train2"] and report["failed"][0]["setting"] == "train2"
-    assert "kto/train2 FAILED" in open(result["report_md"]).read()
+    assert set(entries) == {("sft", "default", 0), *{("dpo", f"beta{b}", s) for b in ("0.05", "1.0") for s in (1, 2)}}
+    assert sorted(f["run"] for f in report["failed"]) == ["dpo/betaoops-s1", "dpo/betaoops-s2"]
+    assert {(f["setting"], f["seed"]) for f in report["failed"]} == {("betaoops", 1), ("betaoops", 2)}
+    assert "dpo/betaoops-s1 FAILED" in open(result["report_md"]).read()
     for row in report["methods"]:
         assert row["cost_train_tokens"] > 0 and row["gold_ci"][0] <= row["gold"] <= row["gold_ci"][1]
 
@@ -84,13 +78,15 @@ def test_every_member_runs_in_its_folder_and_the_failure_is_reported(sweep_run):
         assert points[f"beta{beta}"]["seeds"] == 2 and points[f"beta{beta}"]["gold_seed_std"] is not None
     assert [p["kl"] for p in report["frontier"]["dpo"]] == sorted(p["kl"] for p in report["frontier"]["dpo"])
     assert report["frontier"]["sft"][0]["kl"] == 0.0
-    pairs = {(p["a"], p["b"]): p for p in report["pairwise"]}
-    assert set(pairs) == {("sft", "dpo"), ("sft", "kto"), ("dpo", "kto")}
-    for p in pairs.values():
-        assert p["ci"][0] <= p["diff"] <= p["ci"][1] and p["text"].startswith(f"{p['a']} - {p['b']}: ")
+    [pair] = report["pairwise"]
+    assert (pair["a"], pair["b"]) == ("sft", "dpo") and pair["ci"][0] <= pair["diff"] <= pair["ci"][1]
+    best = max(report["frontier"]["dpo"], key=lambda p: p["gold"])
+    assert pair["b_setting"] == best["setting"]
+    assert pair["diff"] == pytest.approx(report["frontier"]["sft"][0]["gold"] - best["gold"], abs=1e-12)
+    assert pair["text"].startswith(f"sft - dpo: {pair['diff']:+.3f} [")
     wins = report["win_matrix"]
-    assert wins["dpo"]["kto"] + wins["kto"]["dpo"] == pytest.approx(1.0)
-    assert report["best_at_budget"] and set(report["seed_std"]) == {"sft", "dpo", "kto"}
+    assert wins["dpo"]["sft"] + wins["sft"]["dpo"] == pytest.approx(1.0)
+    assert report["best_at_budget"] and set(report["seed_std"]) == {"sft", "dpo"}
     assert report["seed_std"]["sft"] is None  # one shared run: no spread across seeds
 
 
