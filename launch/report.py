@@ -230,7 +230,9 @@ def print_summary(result: Dict[str, Any]) -> None:
     """The final terminal table; the report's paths are the last lines."""
     if "report" in result:
         print()
-        print(markdown_table(result["report"]["methods"]))
+        rows = result["report"]["methods"]
+        print(markdown_table([dict(r, method=f"{r['method']} {r['setting']} s{r['seed']}") if "setting" in r else r
+                              for r in rows]))
         for line in result.get("summary_lines", []):
             print(line)
     for key, error in (result.get("failed") or {}).items():

@@ -89,8 +89,8 @@ def evaluate_and_report_sweep(pipe, models: Dict[str, str], summaries: Dict[str,
     budgets = kl_budgets([p["kl"] for m, pts in frontier.items() if m != baseline_method for p in pts])
     best = {m: max(pts, key=lambda p: p["gold"])["setting"] for m, pts in frontier.items()}
     best_tables = {m: tables[m][best[m]][judge] for m in frontier}
-    names = list(frontier)
-    pairwise = []
+    names = [m for m in frontier if m != baseline_method] + [m for m in frontier if m == baseline_method]
+    pairwise = []  # every two methods, the baseline last: "dpo - sft" reads as dpo's gain
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             diff, ci = paired_bootstrap(best_tables[a], best_tables[b], ev.bootstrap_samples, ev.seed)

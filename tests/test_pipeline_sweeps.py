@@ -79,11 +79,11 @@ def test_every_member_runs_in_its_folder_and_the_failure_is_reported(sweep_run):
     assert [p["kl"] for p in report["frontier"]["dpo"]] == sorted(p["kl"] for p in report["frontier"]["dpo"])
     assert report["frontier"]["sft"][0]["kl"] == 0.0
     [pair] = report["pairwise"]
-    assert (pair["a"], pair["b"]) == ("sft", "dpo") and pair["ci"][0] <= pair["diff"] <= pair["ci"][1]
+    assert (pair["a"], pair["b"]) == ("dpo", "sft") and pair["ci"][0] <= pair["diff"] <= pair["ci"][1]
     best = max(report["frontier"]["dpo"], key=lambda p: p["gold"])
-    assert pair["b_setting"] == best["setting"]
-    assert pair["diff"] == pytest.approx(report["frontier"]["sft"][0]["gold"] - best["gold"], abs=1e-12)
-    assert pair["text"].startswith(f"sft - dpo: {pair['diff']:+.3f} [")
+    assert pair["a_setting"] == best["setting"]
+    assert pair["diff"] == pytest.approx(best["gold"] - report["frontier"]["sft"][0]["gold"], abs=1e-12)
+    assert pair["text"].startswith(f"dpo - sft: {pair['diff']:+.3f} [")
     wins = report["win_matrix"]
     assert wins["dpo"]["sft"] + wins["sft"]["dpo"] == pytest.approx(1.0)
     assert report["best_at_budget"] and set(report["seed_std"]) == {"sft", "dpo"}
@@ -112,14 +112,29 @@ def test_same_seed_is_bitwise_equal_and_another_seed_is_not(sweep_run, tmp_path)
     assert losses(first) != losses(other)
 
 
+def _wandb_config_value(blob: bytes, key: str):
+    """A config value from an offline run's .wandb log: a ConfigItem protobuf is field 1 (key)
+    then field 16 (value_json, tag bytes 0x82 0x01) with a varint length."""
+    marker = b"\n" + bytes([len(key)]) + key.encode() + b"\x82\x01"
+    start = blob.index(marker) + len(marker)
+    length, shift = 0, 0
+    while True:
+        byte = blob[start]
+        start += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return json.loads(blob[start:start + length])
+
+
 def test_wandb_runs_carry_setting_and_seed_and_the_report_logs_frontier_and_pairs(sweep_run):
     pipe, result = sweep_run
     run_dir = os.path.join(pipe.run_root, "dpo", "beta1.0-s2")
-    [config_file] = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "files", "config.yaml"))
-    config = yaml.safe_load(open(config_file))
-    assert config["seed"]["value"] == 2 and config["loss"]["value"]["beta"] == 1.0
-    assert {"stage=dpo", "setting=beta1.0", "seed=2"} <= set(config["tracking"]["value"]["tags"])
-    assert config["tracking"]["value"]["group"] == "sweeptest"
+    [log] = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    blob = open(log, "rb").read()
+    assert _wandb_config_value(blob, "seed") == 2 and _wandb_config_value(blob, "loss")["beta"] == 1.0
+    tracking = _wandb_config_value(blob, "tracking")
+    assert {"stage=dpo", "setting=beta1.0", "seed=2"} <= set(tracking["tags"]) and tracking["group"] == "sweeptest"
     [report_run] = glob.glob(os.path.join(pipe.run_root, "report", "wandb", "offline-run-*"))
     media = [os.path.basename(p) for p in glob.glob(os.path.join(report_run, "files", "media", "**", "*"), recursive=True)]
     assert any(m.startswith("frontier") and m.endswith(".png") for m in media), media
