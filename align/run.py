@@ -6,6 +6,8 @@ Each stage writes, under its `run_dir`:
     metrics.jsonl   one JSON object per logged step
     checkpoints/    DeepSpeed checkpoints (resumable)
     model/          the exported model in Hugging Face format (safetensors)
+    costs.jsonl     training cost (tokens, wall time) up to each checkpoint, so a resumed run
+                    reports the cost of the whole training (CostLedger)
     DONE.json       written last: final metrics and timings; a finished stage is reused when
                     its config hash and inputs match
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -24,6 +27,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Dict, Optional
 
 from align.config import save_config
+
+log = logging.getLogger("align.run")
 
 PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "ray", "wandb", "tokenizers", "numpy")
 
@@ -144,6 +149,49 @@ def finished(cfg: Any, data_fingerprint: str, inputs: Optional[Dict[str, str]] =
     same = (done.get("config_hash") == config_hash(cfg) and done.get("data_fingerprint") == data_fingerprint
             and done.get("inputs", {}) == (inputs or {}))
     return done if same else None
+
+
+class CostLedger:
+    """The training cost of a stage across kills and resumes.
+
+    At each checkpoint the driver appends the cumulative cost up to that step (this segment's
+    tokens and wall time plus what earlier segments had reached at the checkpoint it resumed
+    from) to `costs.jsonl`, keyed by step, before the checkpoint is written. A run resumed from
+    step k starts from the last line for step k, so work done after that checkpoint by a killed
+    run (and redone now) is not counted twice; wall time sums each segment up to its last
+    checkpoint plus the final segment. A run that starts at step 0 starts a new ledger.
+    """
+
+    def __init__(self, run_dir: str, start_step: int):
+        self.path = os.path.join(run_dir, "costs.jsonl")
+        self.before = {"train_tokens": 0.0, "wall_time_s": 0.0, "segments": 0}
+        if start_step == 0:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            return
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path) as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        at_start = [r for r in rows if r["step"] == start_step]
+        if at_start:
+            self.before = {k: at_start[-1][k] for k in self.before}
+        else:
+            log.warning("%s: no cost recorded at step %d; costs count only the resumed part", self.path, start_step)
+
+    def _add(self, tokens: float, wall_time_s: float) -> Dict[str, Any]:
+        return {"train_tokens": self.before["train_tokens"] + tokens,
+                "wall_time_s": round(self.before["wall_time_s"] + wall_time_s, 2),
+                "segments": self.before["segments"] + 1}
+
+    def checkpoint(self, step: int, tokens: float, wall_time_s: float) -> None:
+        """Records the cost up to `step` (call before writing that step's checkpoint)."""
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, **self._add(tokens, wall_time_s)}) + "\n")
+
+    def totals(self, tokens: float, wall_time_s: float) -> Dict[str, Any]:
+        """{train_tokens, wall_time_s, segments} of the whole training, this segment included."""
+        return self._add(tokens, wall_time_s)
 
 
 def write_json(path: str, obj: Any) -> None:

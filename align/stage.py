@@ -249,6 +249,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
         elif plan["eval_at_start"]:
             tracker.log(driven.evaluate(start=True), 0)
         tokens, last = 0.0, {}
+        costs = runs.CostLedger(run_dir.path, start)  # cost of the whole training, across resumes
         bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, disable=None)
         for step in range(start + 1, total + 1):
             metrics = driven.train_step(step)
@@ -262,6 +263,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 tracker.log(driven.evaluate(), step)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
+                costs.checkpoint(step, tokens, time.time() - started)
                 driven.save_checkpoint(step)
         bar.close()
         final = driven.evaluate(final=True)
@@ -273,6 +275,9 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
             "final_train": {k: v for k, v in last.items() if isinstance(v, (int, float))},
             "final_eval": final, **driven.summary(),
         }
+        totals = costs.totals(tokens, time.time() - started)
+        summary.update(wall_time_s=totals["wall_time_s"], train_tokens=totals["train_tokens"],
+                       cost_segments=totals["segments"])
         tracker.summary({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
         runs.finish(run_dir, summary)
         return summary

@@ -11,17 +11,25 @@ and the report is written (launch.report).
 
 Command-line overrides address a stage by name (`dpo.loss.beta=0.2`), the shared settings
 (`shared.seed=1`) or the pipeline itself (`evaluation.num_prompts=64`).
+
+Sweeps and seeds: a stage entry's `sweep` (config key -> list of values, expanded as their
+product) and the pipeline's `seeds` turn the entry into members, one stage run per (setting,
+seed) in `<run_root>/<stage>/<setting>-s<seed>/` (see `expand` for which stages are seeded and
+which upstream run a member takes). In such a pipeline a member that fails is recorded and
+the others go on; the report marks it (launch.sweep_report).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from align.config import ConfigError, RayConfig, TrackingConfig, load_config
 from align.evaluation import EvalConfig
@@ -41,6 +49,13 @@ class StageSpec:
     inputs: Dict[str, str] = field(default_factory=dict)
     # A policy this stage produces is evaluated and reported under this name (None: not a policy).
     method: Optional[str] = None
+    # Config key -> list of values (e.g. {loss.beta: [0.05, 0.1, 0.5]}): the stage runs once per
+    # combination (the product of the lists), each a point of the method's reward-vs-KL frontier.
+    sweep: Dict[str, List[Any]] = field(default_factory=dict)
+    # With pipeline `seeds`: run once per seed? null: yes when the stage is swept, reports a
+    # method other than the evaluation baseline, or takes a seeded stage's model; else one run
+    # (with shared.seed) that every seed's members share.
+    seeded: Optional[bool] = None
 
 
 @dataclass
@@ -62,14 +77,97 @@ class PipelineConfig:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # Seeds of the seeded stages (each member's `seed`); empty: every stage runs once.
+    seeds: List[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One stage run of a stage entry: a point of its sweep and a seed (None: not seeded)."""
+
+    name: str
+    values: Tuple[Tuple[str, Any], ...] = ()
+    setting: Optional[str] = None
+    seed: Optional[int] = None
+
+    @property
+    def label(self) -> Optional[str]:
+        """Its folder under <run_root>/<name>: '<setting>-s<seed>', '<setting>', or None (the stage's own)."""
+        if self.seed is None:
+            return self.setting
+        return f"{self.setting or 'default'}-s{self.seed}"
+
+    @property
+    def key(self) -> str:
+        """Its name in the pipeline's results: 'dpo' for an unexpanded stage, else 'dpo/beta0.1-s1'."""
+        return self.name if self.label is None else f"{self.name}/{self.label}"
+
+
+def is_expanded(pipe: PipelineConfig) -> bool:
+    return bool(pipe.seeds) or any(spec.sweep for spec in pipe.stages.values())
+
+
+def _setting_label(values: Tuple[Tuple[str, Any], ...], index: Tuple[int, ...]) -> str:
+    """'beta0.1' for {loss.beta: 0.1}; '_'-joined for several keys; a list or mapping value is
+    named by its position in the sweep ('train2')."""
+    shorts = [key.rsplit(".", 1)[-1] for key, _ in values]
+    parts = []
+    for (key, value), i in zip(values, index):
+        name = key.replace(".", "-") if shorts.count(key.rsplit(".", 1)[-1]) > 1 else key.rsplit(".", 1)[-1]
+        text = str(i + 1) if isinstance(value, (list, dict)) else str(value)
+        parts.append(name + text.replace("/", "-").replace(" ", ""))
+    return "_".join(parts)
+
+
+def expand(pipe: PipelineConfig) -> Dict[str, List[Member]]:
+    """The members of every stage entry, in dependency order.
+
+    Seeding rule: with `seeds`, a stage is seeded (one run per seed) when it is swept, reports a
+    method other than the evaluation baseline, or takes a seeded stage's model (`seeded` on the
+    entry overrides the first two); an unseeded stage (by default the SFT baseline and the
+    reward model) runs once and every seed's members share it. A seeded member takes the same
+    seed's run of a seeded upstream. A swept stage cannot feed another stage.
+    """
+    if len(set(pipe.seeds)) != len(pipe.seeds):
+        raise ConfigError(f"seeds: {pipe.seeds} repeats a seed")
+    seeded: Dict[str, bool] = {}
+    members: Dict[str, List[Member]] = {}
+    for name in order(pipe.stages):
+        spec = pipe.stages[name]
+        for upstream in spec.inputs.values():
+            if pipe.stages[upstream].sweep:
+                raise ConfigError(f"stages.{name}.inputs: {upstream!r} is swept; a swept stage cannot feed another stage")
+        seeded_inputs = [u for u in spec.inputs.values() if seeded[u]]
+        auto = bool(spec.sweep) or (spec.method is not None and name != pipe.evaluation.baseline) or bool(seeded_inputs)
+        if spec.seeded is False and seeded_inputs:
+            raise ConfigError(f"stages.{name}.seeded: false, but its input {seeded_inputs[0]!r} runs once per seed")
+        seeded[name] = bool(pipe.seeds) and (auto if spec.seeded is None else spec.seeded)
+        for key, values in spec.sweep.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"stages.{name}.sweep.{key}: needs a non-empty list of values, got {values!r}")
+        keys = list(spec.sweep)
+        points = []
+        for index in itertools.product(*(range(len(spec.sweep[k])) for k in keys)):
+            values = tuple((k, spec.sweep[k][i]) for k, i in zip(keys, index))
+            points.append((values, _setting_label(values, index) if keys else None))
+        seeds = list(pipe.seeds) if seeded[name] else [None]
+        members[name] = [Member(name, values, setting, seed) for values, setting in points for seed in seeds]
+        labels = [m.label for m in members[name]]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"stages.{name}.sweep: two settings get the same name; use distinct values")
+    return members
+
+
+def upstream_member(members: Dict[str, List[Member]], member: Member, upstream: str) -> Member:
+    """The run of `upstream` that `member` takes: the same seed's when it is seeded, else its only run."""
+    runs = members[upstream]
+    return runs[0] if len(runs) == 1 else next(u for u in runs if u.seed == member.seed)
 
 
 def _flatten(prefix: str, value: Any) -> List[str]:
     if isinstance(value, dict):
         return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}" if prefix else k, v)]
     if isinstance(value, list):
-        import json
-
         return [f"{prefix}={json.dumps(value)}"]
     return [f"{prefix}={'null' if value is None else value}"]
 
@@ -97,8 +195,10 @@ def order(stages: Dict[str, StageSpec]) -> List[str]:
     return done
 
 
-def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra: Sequence[str] = ()):
-    """The resolved config of stage `name`: shared < stage file < stage overrides < inputs < command line."""
+def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra: Sequence[str] = (),
+                 member: Optional[Member] = None):
+    """The resolved config of stage `name` (or of one `member` of it): shared < stage file <
+    stage overrides < the member's sweep values and seed < inputs < command line."""
     from launch.cli import STAGES, config_class
 
     spec = pipe.stages[name]
@@ -106,11 +206,26 @@ def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra:
         raise ConfigError(f"stages.{name}.stage: {spec.stage!r} is not one of {sorted(STAGES)}")
     cls = config_class(spec.stage)
     overrides = _flatten("", spec.overrides)
+    run_dir = os.path.join(pipe.run_root, name)
+    if member is not None:
+        overrides += [item for key, value in member.values for item in _flatten(key, value)]
+        overrides += [f"seed={member.seed}"] if member.seed is not None else []
+        run_dir = os.path.join(run_dir, member.label) if member.label else run_dir
     overrides += [f"{key}={models[upstream]}" for key, upstream in spec.inputs.items()]
-    overrides += [f"run_dir={os.path.join(pipe.run_root, name)}", f"tracking.group={pipe.name}"]
+    overrides += [f"run_dir={run_dir}", f"tracking.group={pipe.name}"]
     base = dict(pipe.shared, tracking={**_as_dict(pipe.tracking), **pipe.shared.get("tracking", {})},
                 ray={**_as_dict(pipe.ray), **pipe.shared.get("ray", {})})
-    return load_config(cls, spec.config or STAGES[spec.stage][1], [*overrides, *extra], base=base)
+    try:
+        cfg = load_config(cls, spec.config or STAGES[spec.stage][1], [*overrides, *extra], base=base)
+    except ConfigError as err:
+        if member is None or member.label is None:
+            raise
+        raise ConfigError(f"stages.{name} ({member.label}): {err}") from None
+    if member is not None and member.label is not None:
+        # The wandb run carries its place in the sweep (its config also has the swept keys and seed).
+        cfg.tracking.tags = [*cfg.tracking.tags, f"stage={name}", f"setting={member.setting or 'default'}",
+                             f"seed={cfg.seed}"]
+    return cfg
 
 
 def _as_dict(obj: Any) -> Dict[str, Any]:
@@ -121,10 +236,15 @@ def _as_dict(obj: Any) -> Dict[str, Any]:
 
 def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from: Optional[str] = None,
                  only: Optional[str] = None) -> Dict[str, Any]:
-    """Runs the stages, the evaluation and the report; returns the report's paths and rows."""
+    """Runs the stages, the evaluation and the report; returns the report's paths and rows.
+
+    With sweeps or seeds (`is_expanded`) every member runs; one that fails (its config, its run,
+    or an upstream run it needs) is recorded in the result's `failed` and the others go on.
+    """
     import importlib
 
     from align.data.prepare import prepare_stage
+    from align.run import RunDir, read_json
     from launch.cli import STAGES
 
     names = order(pipe.stages)
@@ -133,31 +253,69 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
             raise ConfigError(f"{flag}: no stage named {value!r}; stages are {names}")
     per_stage = {n: [o.split(".", 1)[1] for o in overrides if o.startswith(n + ".")] for n in names}
     forced = set(names[names.index(start_from):]) if start_from else set()
+    expanded = is_expanded(pipe)
+    members = expand(pipe) if expanded else {n: [Member(n)] for n in names}
     started = time.time()
     models: Dict[str, str] = {}
     summaries: Dict[str, Dict[str, Any]] = {}
+    failed: Dict[str, str] = {}
+    info: Dict[str, Dict[str, Any]] = {}
+    if expanded:  # every member's config first: a bad value fails that member before any start-up
+        for name in names:
+            for m in members[name]:
+                predicted = {u: os.path.join(pipe.run_root, u, upstream_member(members, m, u).label or "", "model")
+                             for u in pipe.stages[name].inputs.values()}
+                try:
+                    stage_config(pipe, name, predicted, per_stage[name], m)
+                except ConfigError as err:
+                    _fail(failed, m.key, f"config error: {err}")
     for name in names:
-        cfg = stage_config(pipe, name, models, per_stage[name])
-        from align.run import RunDir, read_json
-
-        if only is not None and name != only:
-            done = read_json(RunDir(cfg.run_dir).done)
-            if done is None:
-                raise ConfigError(f"--only {only}: upstream stage {name!r} has not finished in {cfg.run_dir}")
-            summaries[name], models[name] = done, done["model_dir"]
-            continue
-        module = importlib.import_module(STAGES[pipe.stages[name].stage][0])
-        prepare_stage(cfg)  # its upstream models exist now: check them, tokenize its data
-        log.info("stage %s (%s) -> %s", name, pipe.stages[name].stage, cfg.run_dir)
-        summary = module.run(cfg, reuse=name not in forced, group=pipe.name)
-        summaries[name], models[name] = summary, summary["model_dir"]
-        print(f"[pipeline] {name}: {'reused' if summary.get('reused') else 'done'} "
-              f"in {summary.get('wall_time_s', 0):.0f} s -> {summary['model_dir']}", flush=True)
+        for m in members[name]:
+            if m.key in failed:
+                continue
+            ups = {u: upstream_member(members, m, u).key for u in pipe.stages[name].inputs.values()}
+            lost = [k for k in ups.values() if k not in models]
+            if lost:
+                _fail(failed, m.key, f"not run: upstream {lost[0]} failed")
+                continue
+            try:
+                cfg = stage_config(pipe, name, {u: models[k] for u, k in ups.items()}, per_stage[name],
+                                   m if expanded else None)
+                info[m.key] = {"name": name, "method": pipe.stages[name].method, "setting": m.setting,
+                               "seed": cfg.seed, "seeded": m.seed is not None}
+                if only is not None and name != only:
+                    done = read_json(RunDir(cfg.run_dir).done)
+                    if done is None:
+                        raise ConfigError(f"--only {only}: upstream stage {m.key!r} has not finished in {cfg.run_dir}")
+                    summaries[m.key], models[m.key] = done, done["model_dir"]
+                    continue
+                module = importlib.import_module(STAGES[pipe.stages[name].stage][0])
+                prepare_stage(cfg)  # its upstream models exist now: check them, tokenize its data
+                log.info("stage %s (%s) -> %s", m.key, pipe.stages[name].stage, cfg.run_dir)
+                summary = module.run(cfg, reuse=name not in forced, group=pipe.name)
+            except Exception as err:  # noqa: BLE001 - in a sweep one member's failure is reported, not fatal
+                if not expanded:
+                    raise
+                _fail(failed, m.key, f"{type(err).__name__}: {err}")
+                continue
+            summaries[m.key], models[m.key] = summary, summary["model_dir"]
+            print(f"[pipeline] {m.key}: {'reused' if summary.get('reused') else 'done'} "
+                  f"in {summary.get('wall_time_s', 0):.0f} s -> {summary['model_dir']}", flush=True)
     result: Dict[str, Any] = {"stages": summaries, "models": models}
+    if expanded:
+        result.update(failed=failed, members={m.key: info.get(m.key, {"name": n, "method": pipe.stages[n].method,
+                                                                      "setting": m.setting, "seed": m.seed,
+                                                                      "seeded": m.seed is not None})
+                                              for n in names for m in members[n]})
     if pipe.evaluation.enabled and (only is None or only == names[-1]):
-        from launch.report import evaluate_and_report
+        if expanded:
+            from launch.sweep_report import evaluate_and_report_sweep
 
-        result.update(evaluate_and_report(pipe, models, summaries))
+            result.update(evaluate_and_report_sweep(pipe, models, summaries, result["members"], failed))
+        else:
+            from launch.report import evaluate_and_report
+
+            result.update(evaluate_and_report(pipe, models, summaries))
     result["wall_time_s"] = round(time.time() - started, 1)
     return result
 
@@ -181,6 +339,13 @@ def check_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), only: Op
         check_data(cfg)
 
 
+def _fail(failed: Dict[str, str], key: str, message: str) -> None:
+    """Records a member's failure: its first line, printed at once and kept for the report."""
+    line = (message.strip().splitlines() or [""])[0][:400]
+    failed[key] = line
+    print(f"[pipeline] {key}: FAILED ({line}); the other runs go on", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from align.errors import cli_main
 
@@ -196,7 +361,7 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, shared.key=value or pipeline key=value")
     args = parser.parse_args(argv)
     pipe_overrides = [o for o in args.overrides if "=" in o and o.split("=", 1)[0].split(".")[0]
-                      in ("name", "run_root", "shared", "evaluation", "tracking", "ray")]
+                      in ("name", "run_root", "seeds", "shared", "evaluation", "tracking", "ray")]
     pipe = load_config(PipelineConfig, args.config, pipe_overrides)
     stage_overrides = [o for o in args.overrides if o not in pipe_overrides]
     unknown = [o for o in stage_overrides if o.split(".", 1)[0] not in pipe.stages]
@@ -208,7 +373,7 @@ def _main(argv: Sequence[str]) -> int:
     from launch.report import print_summary
 
     print_summary(result)
-    return 0
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -33,10 +33,37 @@ def _methods(pipe) -> List[tuple]:
     return [(spec.method, name) for name, spec in pipe.stages.items() if spec.method]
 
 
-def evaluate_and_report(pipe, models: Dict[str, str], summaries: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    from align.config import RayConfig
+def evaluate_policies(pipe, reference: str, rm_dir, jobs: List[tuple]) -> List[Dict[str, Any]]:
+    """Evaluates each (name, cache file, model dir) of `jobs` against `reference`, with a result
+    cached per policy and settings (a cache hit starts nothing)."""
     from align.engine.ray_group import ActorGroup, start_ray
-    from align.evaluation import EvalWorker, summarize
+    from align.evaluation import EvalWorker
+
+    ev = pipe.evaluation
+    settings = json.dumps([dataclasses.asdict(ev), input_identity(reference), rm_dir and input_identity(rm_dir)],
+                          sort_keys=True, default=str)
+    results, group = [], None
+    try:
+        for name, path, model_dir in jobs:
+            key = hashlib.sha256((settings + input_identity(model_dir)).encode()).hexdigest()[:16]
+            cached = read_json(path)
+            if cached is None or cached.get("key") != key:
+                if group is None:
+                    start_ray(pipe.ray)
+                    group = ActorGroup("evaluate", dataclasses.replace(pipe.ray, num_actors=1))
+                    group.setup(EvalWorker, ev, reference, rm_dir, ev.seed)
+                cached = dict(group.call("evaluate", name, model_dir)[0], key=key)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_json(path, cached)
+            results.append(cached)
+    finally:
+        if group is not None:
+            group.shutdown()
+    return results
+
+
+def evaluate_and_report(pipe, models: Dict[str, str], summaries: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    from align.evaluation import summarize
 
     ev = pipe.evaluation
     out_dir = os.path.join(pipe.run_root, "report")
@@ -44,25 +71,8 @@ def evaluate_and_report(pipe, models: Dict[str, str], summaries: Dict[str, Dict[
     os.makedirs(cache_dir, exist_ok=True)
     reference = models[ev.baseline]
     rm_dir = models.get(ev.reward_model) if ev.reward_model else None
-    settings = json.dumps([dataclasses.asdict(ev), input_identity(reference), rm_dir and input_identity(rm_dir)],
-                          sort_keys=True, default=str)
-    results, group = [], None
-    try:
-        for method, stage in _methods(pipe):
-            key = hashlib.sha256((settings + input_identity(models[stage])).encode()).hexdigest()[:16]
-            path = os.path.join(cache_dir, f"{method}.json")
-            cached = read_json(path)
-            if cached is None or cached.get("key") != key:
-                if group is None:
-                    start_ray(pipe.ray)
-                    group = ActorGroup("evaluate", dataclasses.replace(pipe.ray, num_actors=1))
-                    group.setup(EvalWorker, ev, reference, rm_dir, ev.seed)
-                cached = dict(group.call("evaluate", method, models[stage])[0], key=key)
-                write_json(path, cached)
-            results.append(cached)
-    finally:
-        if group is not None:
-            group.shutdown()
+    results = evaluate_policies(pipe, reference, rm_dir, [(method, os.path.join(cache_dir, f"{method}.json"), models[stage])
+                                                          for method, stage in _methods(pipe)])
     costs = {method: {"wall_time_s": summaries[stage].get("wall_time_s", 0.0),
                       "train_tokens": summaries[stage].get("train_tokens", 0.0)}
              for method, stage in _methods(pipe)}
@@ -179,8 +189,10 @@ def plot_training_curves(pipe, summaries: Dict[str, Dict[str, Any]], path: str) 
     plt.close(fig)
 
 
-def write_html(report: Dict[str, Any], table_md: str, samples: Dict[str, List[str]], images: List[str], path: str) -> None:
-    """One page with the table, the plots (embedded as base64) and example responses."""
+def write_html(report: Dict[str, Any], table_md: str, samples: Dict[str, List[str]], images: List[str], path: str,
+               extra_md: str = "") -> None:
+    """One page with the table, the plots (embedded as base64), `extra_md` (shown as
+    preformatted text) and example responses."""
     import html
 
     head = [r.strip("|").split("|") for r in table_md.splitlines()]
@@ -197,7 +209,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 <body><h1>Pipeline {html.escape(report['pipeline'])}</h1>
 <p>Baseline {html.escape(report['baseline'])}; win rate judged by {report['judge']};
 {report['settings']['num_prompts']} held-out prompts, same sampling settings and seed for every method; 95% bootstrap CIs.</p>
-{table}{figs}<h2>Example responses</h2>{examples}</body></html>"""
+{table}{figs}{f"<pre>{html.escape(extra_md)}</pre>" if extra_md else ""}<h2>Example responses</h2>{examples}</body></html>"""
     with open(path, "w") as fh:
         fh.write(page)
 
@@ -218,7 +230,13 @@ def print_summary(result: Dict[str, Any]) -> None:
     """The final terminal table; the report's paths are the last lines."""
     if "report" in result:
         print()
-        print(markdown_table(result["report"]["methods"]))
+        rows = result["report"]["methods"]
+        print(markdown_table([dict(r, method=f"{r['method']} {r['setting']} s{r['seed']}") if "setting" in r else r
+                              for r in rows]))
+        for line in result.get("summary_lines", []):
+            print(line)
+    for key, error in (result.get("failed") or {}).items():
+        print(f"FAILED {key}: {error}")
     print(f"\npipeline finished in {result.get('wall_time_s', 0):.0f} s")
     if "report_html" in result:
         print(f"report (HTML): {os.path.abspath(result['report_html'])}")
