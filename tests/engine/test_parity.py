@@ -116,6 +116,9 @@ MULTI_NODE_SCRIPT = textwrap.dedent("""
 def test_group_spread_over_two_nodes_matches_one_actor(runs, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
+    # The script imports the test workload (tests/engine/toy_worker.py) from the repository root.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", MULTI_NODE_SCRIPT], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
