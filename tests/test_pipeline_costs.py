@@ -9,7 +9,7 @@ from align.config import load_config
 
 
 def _dpo(run_dir, quick):
-    from direct import trainer
+    from direct import dpo as trainer
 
     return load_config(trainer.DPOConfig, "configs/dpo/default.yaml", quick(
         run_dir, **{"train.max_steps": 6, "train.save_every": 2, "train.eval_every": 0, "train.log_every": 1,
@@ -17,7 +17,7 @@ def _dpo(run_dir, quick):
 
 
 def test_resumed_run_counts_the_whole_training(ray_session, quick, tmp_path):
-    from direct import trainer
+    from direct import dpo as trainer
 
     whole = trainer.run(_dpo(tmp_path / "whole", quick), reuse=False)
     assert whole["cost_segments"] == 1

@@ -91,7 +91,7 @@ def test_every_member_runs_in_its_folder_and_the_failure_is_reported(sweep_run):
 
 
 def test_same_seed_is_bitwise_equal_and_another_seed_is_not(sweep_run, tmp_path):
-    from direct import trainer
+    from direct import dpo as trainer
     from launch.pipeline import expand
 
     pipe, result = sweep_run

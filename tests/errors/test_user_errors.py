@@ -144,8 +144,8 @@ def test_ranking_row_with_a_bad_field(cli, tmp_path):
     rows[7]["scores"] = [3, 3, 1]
     write_jsonl(path, rows)
     assert_one_line(cli("align-run", "reward_model", "--config", config),
-                    f"error: {path}: row 7, field 'scores': tied scores [3, 3, 1]; a ranking needs a strict order"
-                    + SUFFIX)
+                    f"error: {path}: row 7, field 'scores': tied scores [3, 3, 1]; a ranking needs a strict order "
+                    "(or set data.ties=drop or strict_pairs)" + SUFFIX)
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):

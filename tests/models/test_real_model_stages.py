@@ -78,7 +78,7 @@ def test_sft_on_the_real_model_exports_what_it_trained(sft_smol, smollm2_dir):
 def test_dpo_on_the_real_model(sft_smol, ray_session, quick, tmp_path):
     """2 DPO steps from the SFT export: step 1 is ln 2 (policy == reference), the export
     reloads and its log-probs are the trained ones (they moved from the reference's)."""
-    from direct import trainer
+    from direct import dpo as trainer
 
     sft_dir = sft_smol[1]["model_dir"]
     cfg = load_config(trainer.DPOConfig, "configs/dpo/default.yaml", quick(tmp_path, **{
