@@ -18,6 +18,10 @@ from align.config import load_config
 GRPO = "configs/ppo/grpo.yaml"
 
 
+def constant_reward(prompts, responses, extras):
+    return [0.5] * len(responses)
+
+
 @pytest.mark.parametrize("path, overrides, groups", [
     ("configs/ppo/default.yaml", [], ("policy", "value", "reference", "reward")),
     (GRPO, [], ("policy", "reference")),
@@ -66,6 +70,7 @@ def test_dynamic_sampling_needs_groups():
 def grpo_first_step(sft_model_dir, quick, tmp_path_factory):
     """A GRPO stage's first step driven by hand (rollout, experience, one update), then a
     dynamic-sampling rollout; the stage is shut down before the assertions run."""
+    from reward_model.rewards import CombinedReward
     from rlhf import ppo
     from rlhf.ppo import PPOConfig
 
@@ -82,9 +87,12 @@ def grpo_first_step(sft_model_dir, quick, tmp_path_factory):
         train = algo.train(stage, exp, 1)
         after = stage.logprobs(exp["rows"])
         cfg.rollout.dynamic_sampling = True
-        dyn_rollout, dyn_scores, dyn_metrics = algo.sample(stage, 2)
+        dynamic = algo.sample(stage, 2)
+        # A reward that is the same for every response: every group is dropped, in all 3 rounds.
+        stage.reward_fn = CombinedReward([("constant", 1.0, constant_reward)])
+        constant = algo.sample(stage, 3)
         return {"groups": groups, "rollout": rollout, "exp": exp, "train": train, "after": after,
-                "gold": stage.gold, "dynamic": (dyn_rollout, dyn_scores, dyn_metrics)}
+                "gold": stage.gold, "dynamic": dynamic, "constant": constant}
     finally:
         stage.shutdown()
 
@@ -145,3 +153,33 @@ def test_dynamic_sampling_keeps_groups_with_different_rewards(grpo_first_step):
     assert metrics["rollout/dropped_groups"] >= metrics["rollout/zero_adv_groups"]
     assert 1 <= metrics["rollout/rounds"] <= 3
     print("\ndynamic sampling:", metrics, "mean reward", statistics.mean(scores.tolist()))
+    # All-equal rewards: 8 groups dropped in each of the 1 + max_refill_rounds (2) rollouts; the
+    # batch is then topped up with 8 dropped groups (zero advantage, no gradient).
+    rollout, scores, metrics = grpo_first_step["constant"]
+    assert len(rollout["prompt"]) == 32 and scores.tolist() == [0.5] * 32
+    assert metrics == {"rollout/dropped_groups": 24.0, "rollout/rounds": 3.0, "rollout/zero_adv_groups": 8.0}
+    assert all(rollout["prompt"][4 * g] == rollout["prompt"][4 * g + j] for g in range(8) for j in range(4))
+
+
+def test_prompt_rows_carry_their_extra_fields_to_the_reward(builtin_tokenizer, tmp_path):
+    """A prompt file's other fields reach the reward functions as one JSON text per row."""
+    import json
+
+    from align.config import DataConfig, SourceConfig
+    from align.stage import load_tokenized
+    from reward_model.rewards import RewardConfig, build_reward
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Give Ann's record", "schema": {"name": "string", "age": "integer"}},
+            {"prompt": "Say hi", "answer": 3}, {"prompt": "Nothing else"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(train=[SourceConfig(path=str(path))], eval=[], max_length=64, max_prompt_length=48)
+    train, _, _ = load_tokenized(data, "prompt", builtin_tokenizer, 0)
+    extras = {r["prompt_text"]: r["extras"] for r in train}
+    assert json.loads(extras["Give Ann's record"]) == {"schema": {"name": "string", "age": "integer"}}
+    assert json.loads(extras["Say hi"]) == {"answer": 3}
+    assert extras["Nothing else"] == ""
+    reward = build_reward(RewardConfig(fns=[{"fn": "json_schema"}]))
+    got = reward(["Give Ann's record"] * 2, ['{"name": "Ann", "age": 31}', '{"name": "Ann", "age": "31"}'],
+                 [json.loads(extras["Give Ann's record"])] * 2)
+    assert got.total == [1.0, 0.5]
