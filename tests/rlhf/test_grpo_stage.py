@@ -183,3 +183,13 @@ def test_prompt_rows_carry_their_extra_fields_to_the_reward(builtin_tokenizer, t
     got = reward(["Give Ann's record"] * 2, ['{"name": "Ann", "age": 31}', '{"name": "Ann", "age": "31"}'],
                  [json.loads(extras["Give Ann's record"])] * 2)
     assert got.total == [1.0, 0.5]
+
+
+def test_online_labeller_accepts_the_rl_rules():
+    from reward_model.labellers import LABELLERS, make_labeller
+
+    assert {"json_valid", "json_schema", "python_compiles", "number_match"} <= set(LABELLERS)
+    prompts = [[{"role": "user", "content": "Return JSON"}]] * 3
+    assert make_labeller("json_valid", "builtin:prompts")(prompts, ['{"a": 1}', "no", '```json\n[1]\n```']) \
+        == [1.0, 0.0, 1.0]
+    assert make_labeller("python_compiles", "builtin:prompts")(prompts, ["x = 1", "def (:", ""]) == [1.0, 0.0, 0.0]
