@@ -66,6 +66,12 @@ def test_dynamic_sampling_needs_groups():
                                                                   "rollout.dynamic_sampling=true"])
 
 
+def grpo_overrides(sft_model_dir, **extra):
+    return {"model.name_or_path": sft_model_dir, "train.max_steps": 2, "train.save_every": 0,
+            "sampling.max_new_tokens": 24, "eval_prompts": 0, "eval_at_start": False,
+            "ppo_epochs": 1, "num_minibatches": 1, "optim.lr": 1e-3, **extra}
+
+
 @pytest.fixture(scope="module")
 def grpo_first_step(sft_model_dir, quick, tmp_path_factory):
     """A GRPO stage's first step driven by hand (rollout, experience, one update), then a
@@ -74,10 +80,7 @@ def grpo_first_step(sft_model_dir, quick, tmp_path_factory):
     from rlhf import ppo
     from rlhf.ppo import PPOConfig
 
-    cfg = load_config(PPOConfig, GRPO, quick(tmp_path_factory.mktemp("grpo"), **{
-        "model.name_or_path": sft_model_dir, "train.max_steps": 2, "train.save_every": 0,
-        "sampling.max_new_tokens": 24, "eval_prompts": 0, "eval_at_start": False,
-        "ppo_epochs": 1, "num_minibatches": 1, "optim.lr": 1e-3}))
+    cfg = load_config(PPOConfig, GRPO, quick(tmp_path_factory.mktemp("grpo"), **grpo_overrides(sft_model_dir)))
     stage = ppo.start(cfg)
     algo = stage.algorithm
     try:
@@ -193,3 +196,29 @@ def test_online_labeller_accepts_the_rl_rules():
     assert make_labeller("json_valid", "builtin:prompts")(prompts, ['{"a": 1}', "no", '```json\n[1]\n```']) \
         == [1.0, 0.0, 1.0]
     assert make_labeller("python_compiles", "builtin:prompts")(prompts, ["x = 1", "def (:", ""]) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_grpo_update_is_the_same_on_two_ranks_with_more_micro_batches(grpo_first_step, sft_model_dir, quick,
+                                                                      tmp_path_factory):
+    """The 1-rank update (2 micro-batches of 16) replayed on a 2-rank ZeRO-2 policy with 4
+    micro-batches of 4 per rank: seq_mean_token_mean's global normaliser gives the same loss,
+    gradient norm and updated log-probs (float32 reduction order aside)."""
+    from rlhf import ppo
+    from rlhf.ppo import PPOConfig
+
+    one = grpo_first_step
+    cfg = load_config(PPOConfig, GRPO, quick(tmp_path_factory.mktemp("grpo_two"), **grpo_overrides(
+        sft_model_dir, **{"policy.num_actors": 2, "policy.zero_stage": 2, "deepspeed.micro_batch_size": 4})))
+    two = ppo.start(cfg)
+    try:
+        exp = two.algorithm.experience(two, one["rollout"])
+        train = two.algorithm.train(two, exp, 1)
+        after = two.logprobs(exp["rows"])
+    finally:
+        two.shutdown()
+    torch.testing.assert_close(exp["trajectory"].advantages, one["exp"]["trajectory"].advantages)
+    for key in ("loss/policy", "policy/grad_norm", "policy/ratio"):
+        assert train[key] == pytest.approx(one["train"][key], rel=1e-3, abs=1e-5), key
+    for a, b in zip(one["after"], after):
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-3)
