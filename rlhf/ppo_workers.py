@@ -153,24 +153,25 @@ class PolicyWorker:
         return {"start_step": self.step, "driver_state": self.driver_state, "prompts": len(self.batches.dataset),
                 "data_report": dict(self.report)}
 
-    def _sample(self, prompts: List[List[int]], sampling, seed: int, extras: Optional[list] = None) -> Dict[str, list]:
+    def _sample(self, rows: Sequence[Row], sampling, seed: int) -> Dict[str, list]:
+        """Samples one response per data row; prompt_text and extras are the rows' own (the gold
+        scorer and the reward functions read the text as written, not the chat-templated one)."""
+        prompts = [e["prompt_ids"] for e in rows]
         # Under ZeRO-3, gathering the weights once beats gathering them at every decoding step.
         gather = self.de.gathered_parameters(self.engine) if self.cfg.gather_for_generation else nullcontext()
         with gather:
             out = sample(self.generate_fn, self.tokenizer, prompts, sampling,
                          micro_batch_size=self.cfg.generation_batch_size, seed=seed, device=self.de.device())
-        prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
         return {"prompt": out.prompt_ids, "response": out.response_ids, "eos": out.ended_with_eos,
-                "text": out.texts, "prompt_text": prompt_texts, "extras": extras or [""] * len(prompts)}
+                "text": out.texts, "prompt_text": [e["prompt_text"] for e in rows],
+                "extras": [e.get("extras") or "" for e in rows]}
 
     def rollout(self, step: int) -> Dict[str, list]:
         """Samples rollout.group_size responses for each of this rank's prompts of PPO step `step`
         (prompt-major: the K samples of a prompt are consecutive rows, one group)."""
         k = self.cfg.rollout.group_size
         batch = [e for e in next(self.data_iter) for _ in range(k)]
-        extras = [e.get("extras") or "" for e in batch]  # the prompt row's extra fields, JSON text
-        return self._sample([e["prompt_ids"] for e in batch], self.cfg.sampling,
-                            seed=self.cfg.seed + 7919 * step + self.de.rank(), extras=extras)
+        return self._sample(batch, self.cfg.sampling, seed=self.cfg.seed + 7919 * step + self.de.rank())
 
     def eval_rollout(self, num_prompts: int) -> Dict[str, list]:
         """Samples the first `num_prompts` eval prompts (this rank's contiguous share, padded to
@@ -178,8 +179,8 @@ class PolicyWorker:
         n, world = min(num_prompts, len(self.eval_rows)), self.de.world_size()
         per_rank = math.ceil(n / world)
         idx = [i if i < n else 0 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank)]
-        prompts = [self.eval_rows[i]["prompt_ids"] for i in idx]
-        out = self._sample(prompts, self.cfg.eval_sampling, seed=self.cfg.seed + 104729 + self.de.rank())
+        out = self._sample([self.eval_rows[i] for i in idx], self.cfg.eval_sampling,
+                           seed=self.cfg.seed + 104729 + self.de.rank())
         real = sum(1 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank) if i < n)
         return {k: v[:real] for k, v in out.items()}
 
