@@ -181,6 +181,12 @@ class PPOConfig(StageConfig):
                               f"rollout.group_size x policy.num_actors ({self.rollout.group_size} x "
                               f"{self.policy.num_actors}): every rank samples whole groups")
         self.reward.fns = RewardConfig(fns=self.reward.fns).fns  # checks every term (names the key)
+        if self.uses_value_model and not (self.value_model or self.reward_model):
+            raise ConfigError("value_model: advantage.estimator=gae trains a value model, started from value_model "
+                              "or reward_model; set one, or use a critic-free estimator (grpo, rloo, ...)")
+        if self.kl.adaptive and self.kl.mode != "reward":
+            raise ConfigError(f"kl.adaptive: adapts the KL coefficient in the reward; needs kl.mode=reward "
+                              f"(got {self.kl.mode})")
         if self.uses_reward_model and not self.reward_model:
             raise ConfigError("reward_model: a reward.fns term is 'reward_model'; set reward_model to the "
                               "reward-model stage's directory, or use other reward.fns (gold, a rule)")

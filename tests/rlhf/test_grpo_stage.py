@@ -48,6 +48,8 @@ def test_groups_for_starts_value_and_reward_groups_only_when_needed(path, overri
     ("loss.clip_high=-0.1", "loss.clip_high"),
     ("reward.fns=[{fn: reward_model}]", "reward_model"),
     ("reward.fns=[{fn: nosuchrule}]", r"reward.fns\[0\].fn"),
+    ("advantage.estimator=gae", "value_model"),
+    ("kl.adaptive=true", "kl.adaptive"),
 ])
 def test_critic_free_config_errors_name_the_key(override, message):
     from align.config import ConfigError
