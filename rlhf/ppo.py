@@ -1,9 +1,12 @@
 """PPO from a reward model: the last stage of the RLHF pipeline (Ziegler et al. 2019, arXiv
 1909.08593; InstructGPT, arXiv 2203.02155).
 
-Four groups of Ray actors (per-rank workers in rlhf/ppo_workers.py, the driver's side in
+Up to four groups of Ray actors (per-rank workers in rlhf/ppo_workers.py, the driver's side in
 rlhf/rollout.py): the policy and the value model are trained, the reference (the SFT model) and
-the reward model are frozen. One PPO step (`PPO.step`):
+the reward model are frozen. The same stage runs the critic-free estimators (advantage.estimator:
+grpo, dr_grpo, rloo, reinforce_pp; rlhf/advantages.py): they start no value group, and rewards
+that need no reward model (reward.fns: gold, rules, user functions) start no reward group.
+One PPO step (`PPO.step`):
 
     rollout      the policy ranks sample responses to their share of the step's prompts
     experience   in parallel: old log-probs and entropy (policy), reference log-probs,
