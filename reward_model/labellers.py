@@ -13,18 +13,23 @@ from typing import Callable, List, Optional
 
 from align.config import ConfigError
 from align.task import gold_scorer_for
+from reward_model.rewards import RULES, RewardConfig, build_reward
 from reward_model.score import RewardScorer
 
 # labeller(prompts as chat messages, responses) -> one score per response
 Labeller = Callable[[List[list], List[str]], List[float]]
-LABELLERS = ("gold", "reward_model", "json")
+# The named labellers, and every verifiable rule of reward_model/rewards.py (the RL stage's rewards).
+LABELLERS = ("gold", "reward_model", "json", *sorted(RULES))
 
 
 def make_labeller(kind: str, prompts_path: str, reward_model: Optional[str] = None,
                   trust_remote_code: bool = False) -> Labeller:
     """gold: the task's gold scorer (the task of `prompts_path`); reward_model: the reward model
     in the directory `reward_model`, normalised scores; json: 1 when the response parses as JSON,
-    else 0."""
+    else 0; a rule of reward_model/rewards.py RULES (json_valid, python_compiles, ...): that rule,
+    as the RL stage computes it (rules that read a row's extra fields need them in the prompts)."""
+    if kind in RULES:
+        return build_reward(RewardConfig(fns=[{"fn": kind}]), [prompts_path]).labeller()
     if kind == "json":
         return lambda prompts, responses: [float(parses_as_json(r)) for r in responses]
     if kind == "reward_model":

@@ -1,9 +1,12 @@
 """PPO from a reward model: the last stage of the RLHF pipeline (Ziegler et al. 2019, arXiv
 1909.08593; InstructGPT, arXiv 2203.02155).
 
-Four groups of Ray actors (per-rank workers in rlhf/ppo_workers.py, the driver's side in
+Up to four groups of Ray actors (per-rank workers in rlhf/ppo_workers.py, the driver's side in
 rlhf/rollout.py): the policy and the value model are trained, the reference (the SFT model) and
-the reward model are frozen. One PPO step (`PPO.step`):
+the reward model are frozen. The same stage runs the critic-free estimators (advantage.estimator:
+grpo, dr_grpo, rloo, reinforce_pp; rlhf/advantages.py): they start no value group, and rewards
+that need no reward model (reward.fns: gold, rules, user functions) start no reward group.
+One PPO step (`PPO.step`):
 
     rollout      the policy ranks sample responses to their share of the step's prompts
     experience   in parallel: old log-probs and entropy (policy), reference log-probs,
@@ -21,15 +24,17 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import MISSING
 
 from align.config import ConfigError, DataConfig, SourceConfig, StageConfig, check_choice, check_positive
 from align.data.sources import data_fingerprint
 from align.generation import SamplingConfig
 from align.stage import OnDriver, run_stage, stage_main
+from reward_model.rewards import REWARD_MODEL, RewardConfig, RewardTerm
+from rlhf.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter
+from rlhf.policy_loss import AGGREGATIONS, KL_MODES
 from rlhf.ppo_math import (AdaptiveKLController, FixedKLController, Trajectory, clip_and_normalize_score,
                            compute_gae, compute_rewards, explained_variance, masked_mean, masked_whiten)
 
@@ -59,7 +64,48 @@ class KLConfig:
     adaptive: bool = False
     target: float = 6.0
     horizon: float = 10000.0
+    # Where the KL goes: "reward" (-beta * KL per token in the reward, as PPO), "loss" (beta * the
+    # `estimator` KL as a loss term on the policy, GRPO eq. 4; use k3 there) or "off".
+    mode: str = "reward"
 
+
+@dataclass
+class RewardGroupConfig(GroupConfig):
+    # The reward terms, summed with their weights (reward_model/rewards.py): a rule (json_valid,
+    # json_schema, python_compiles, number_match), "gold" (the built-in task's exact scorer),
+    # "reward_model" (the `reward_model` directory, on this group's actors) or "pkg.module:fn".
+    # The reward-model group starts only when a "reward_model" term is configured.
+    fns: List[RewardTerm] = field(default_factory=lambda: [RewardTerm(fn=REWARD_MODEL)])
+
+
+@dataclass
+class AdvantageConfig:
+    # gae (PPO, needs the value model) | grpo | dr_grpo | rloo | reinforce_pp (critic-free: no
+    # value group is started). rlhf/advantages.py has the papers and equations.
+    estimator: str = "gae"
+    # GRPO's eps in (r - mean) / (std + eps).
+    eps: float = 1e-6
+
+
+@dataclass
+class RolloutConfig:
+    # K samples per prompt (the group of the group-relative estimators); rollout_batch_size counts
+    # responses, so a step samples rollout_batch_size / K prompts.
+    group_size: int = 1
+    # DAPO dynamic sampling: drop the groups whose rewards are all equal (no gradient) and refill
+    # with groups of new prompts, at most `max_refill_rounds` extra rollouts per step.
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = 2
+
+
+@dataclass
+class LossConfig:
+    # token_mean | seq_mean_token_sum | seq_mean_token_mean (rlhf/policy_loss.py); unset = the
+    # estimator's own (token_mean for gae, GRPO's seq_mean_token_mean, Dr. GRPO's token sum).
+    aggregation: Optional[str] = None
+    # PPO clip epsilon below / above 1 (DAPO's clip-higher: clip_high > clip_low); unset = clip_range.
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
 
 def _default_ppo_data() -> DataConfig:
     return DataConfig(train=[SourceConfig(path="builtin:prompts")], eval=[SourceConfig(path="builtin:eval_prompts")],
@@ -69,18 +115,22 @@ def _default_ppo_data() -> DataConfig:
 @dataclass
 class PPOConfig(StageConfig):
     data: DataConfig = field(default_factory=_default_ppo_data)
-    # `model` is the policy's start (the SFT model). The reward model's directory (reward-model stage).
-    reward_model: str = MISSING
+    # `model` is the policy's start (the SFT model). The reward model's directory (reward-model
+    # stage); needed only when a reward.fns term is "reward_model".
+    reward_model: Optional[str] = None
     # The value model's start; the reward model by default. The reference; `model` by default.
     value_model: Optional[str] = None
     reference_model: Optional[str] = None
     policy: GroupConfig = field(default_factory=GroupConfig)
     value: GroupConfig = field(default_factory=GroupConfig)
     reference: GroupConfig = field(default_factory=GroupConfig)
-    reward: GroupConfig = field(default_factory=GroupConfig)
+    reward: RewardGroupConfig = field(default_factory=RewardGroupConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     # Put the four groups on one placement group, each asking a quarter of every bundle.
     colocate: bool = False
-    # Prompts per PPO step (all policy ranks together), one response each.
+    # Responses per PPO step (all policy ranks together): rollout_batch_size / rollout.group_size prompts.
     rollout_batch_size: int = 32
     # Prompts per generate() call on a rank.
     generation_batch_size: int = 32
@@ -114,6 +164,35 @@ class PPOConfig(StageConfig):
     def __post_init__(self) -> None:
         check_choice("kl.estimator", self.kl.estimator, ["k1", "k2", "k3"])
         check_positive("kl.coef", self.kl.coef, allow_zero=True)
+        check_choice("kl.mode", self.kl.mode, list(KL_MODES))
+        check_choice("advantage.estimator", self.advantage.estimator, list(ADVANTAGE_ESTIMATORS))
+        if self.loss.aggregation is not None:
+            check_choice("loss.aggregation", self.loss.aggregation, list(AGGREGATIONS))
+        for key in ("clip_low", "clip_high"):
+            if getattr(self.loss, key) is not None:
+                check_positive(f"loss.{key}", getattr(self.loss, key))
+        check_positive("rollout.group_size", self.rollout.group_size)
+        check_positive("rollout.max_refill_rounds", self.rollout.max_refill_rounds, allow_zero=True)
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage.estimator]
+        if estimator.needs_groups and self.rollout.group_size < 2:
+            raise ConfigError(f"rollout.group_size: advantage.estimator={self.advantage.estimator} compares the "
+                              f"K samples of a prompt; set K >= 2 (got {self.rollout.group_size})")
+        if self.rollout.dynamic_sampling and self.rollout.group_size < 2:
+            raise ConfigError("rollout.dynamic_sampling: drops groups of equal rewards; needs rollout.group_size >= 2")
+        if self.rollout_batch_size % (self.rollout.group_size * self.policy.num_actors):
+            raise ConfigError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                              f"rollout.group_size x policy.num_actors ({self.rollout.group_size} x "
+                              f"{self.policy.num_actors}): every rank samples whole groups")
+        self.reward.fns = RewardConfig(fns=self.reward.fns).fns  # checks every term (names the key)
+        if self.uses_value_model and not (self.value_model or self.reward_model):
+            raise ConfigError("value_model: advantage.estimator=gae trains a value model, started from value_model "
+                              "or reward_model; set one, or use a critic-free estimator (grpo, rloo, ...)")
+        if self.kl.adaptive and self.kl.mode != "reward":
+            raise ConfigError(f"kl.adaptive: adapts the KL coefficient in the reward; needs kl.mode=reward "
+                              f"(got {self.kl.mode})")
+        if self.uses_reward_model and not self.reward_model:
+            raise ConfigError("reward_model: a reward.fns term is 'reward_model'; set reward_model to the "
+                              "reward-model stage's directory, or use other reward.fns (gold, a rule)")
         for name in GROUPS:
             group = getattr(self, name)
             check_positive(f"{name}.num_actors", group.num_actors)
@@ -125,9 +204,21 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                               f"num_minibatches ({self.num_minibatches})")
         minibatch = self.rollout_batch_size // self.num_minibatches
-        for name in ("policy", "value"):
+        for name in ("policy", "value") if self.uses_value_model else ("policy",):
             if minibatch % getattr(self, name).num_actors:
                 raise ConfigError(f"{name}.num_actors must divide the minibatch of {minibatch} rollouts")
+
+    @property
+    def uses_value_model(self) -> bool:
+        return ADVANTAGE_ESTIMATORS[self.advantage.estimator].needs_value_model
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return any(t.fn == REWARD_MODEL for t in self.reward.fns)
+
+    @property
+    def aggregation(self) -> str:
+        return self.loss.aggregation or ADVANTAGE_ESTIMATORS[self.advantage.estimator].aggregation
 
 
 class PPO:
@@ -145,18 +236,32 @@ class PPO:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
 
-    def experience(self, stage, rollout: Dict[str, list]) -> Dict[str, Any]:
-        """The groups' forwards over the rollout, then here on the whole batch: rewards, GAE and
-        advantage whitening (global: the driver holds every row). {"rows", "trajectory", "metrics"}."""
+    def experience(self, stage, rollout: Dict[str, list], scores: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        """The groups' forwards over the rollout, then here on the whole batch: rewards and the
+        advantages of `advantage.estimator` (global: the driver holds every row; gae's are
+        whitened as before). `scores` (B,): the rollout's rewards when already computed (dynamic
+        sampling). {"rows", "trajectory", "metrics"}."""
         cfg = self.cfg
-        out = stage.inference(rollout)
+        out = stage.inference(rollout, scores)
         mask, logprobs, values, scores = out["mask"], out["logprobs"], out["values"], out["scores"]
         eos = torch.tensor(rollout["eos"])
+        name = cfg.advantage.estimator
+        # KL in the reward only in kl.mode=reward (k1 by default, as PPO always had it).
+        coef = self.kl_ctl.value if cfg.kl.mode == "reward" else 0.0
         rewards, kl, non_score = compute_rewards(
             clip_and_normalize_score(scores, clip=cfg.score_clip), logprobs, out["ref_logprobs"], mask,
-            self.kl_ctl.value, cfg.kl.estimator, eos, cfg.missing_eos_penalty)
-        advantages, returns = compute_gae(values, rewards, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+            coef, cfg.kl.estimator, eos, cfg.missing_eos_penalty)
+        if name == "gae":
+            advantages, returns = compute_gae(values, rewards, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask)
+        elif name == "reinforce_pp":
+            advantages, returns = ADVANTAGE_ESTIMATORS[name].fn(rewards, mask, cfg.gamma)
+            returns = None
+        else:  # group estimators on the per-sequence reward (its KL summed in, in kl.mode=reward)
+            fn = ADVANTAGE_ESTIMATORS[name].fn
+            kwargs = {"eps": cfg.advantage.eps} if name == "grpo" else {}
+            advantages, returns = fn((rewards * mask).sum(1), mask, cfg.rollout.group_size, **kwargs)
+            returns = None
         lengths = mask.sum(1)
         metrics = {  # kl: per sequence (summed over its tokens), kl_per_token: token mean
             "objective/scores": scores.mean().item(), "objective/kl": kl.sum(1).mean().item(),
@@ -164,8 +269,11 @@ class PPO:
             "objective/non_score_reward": non_score.sum(1).mean().item(),
             "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
             "objective/entropy": out["entropy"] / lengths.sum().item(),
-            "val/mean": masked_mean(values, mask).item(), "response/length": lengths.mean().item(),
+            "response/length": lengths.mean().item(),
             "response/eos_rate": eos.float().mean().item(), "kl_coef": self.kl_ctl.value}
+        if values is not None:
+            metrics["val/mean"] = masked_mean(values, mask).item()
+        metrics.update({f"reward/{k}": statistics.mean(v) for k, v in out.get("reward_terms", {}).items()})
         if stage.gold is not None:
             metrics["gold/score"] = statistics.mean(map(stage.gold, rollout["prompt_text"], rollout["text"]))
         traj = Trajectory(mask=mask, logprobs=logprobs, ref_logprobs=out["ref_logprobs"], values=values,
@@ -173,27 +281,63 @@ class PPO:
         return {"rows": out["rows"], "trajectory": traj, "metrics": metrics}
 
     def train(self, stage, exp: Dict[str, Any], step: int) -> Dict[str, float]:
-        """ppo_epochs passes of num_minibatches optimizer steps on the policy and value groups."""
+        """ppo_epochs passes of num_minibatches optimizer steps on the policy (and value) groups."""
         traj = exp["trajectory"]
         sums, last, tokens = stage.update(exp["rows"], traj, step)
         steps = self.cfg.ppo_epochs * self.cfg.num_minibatches
-        p, v = sums["policy"], sums["value"]
-        metrics = {"loss/policy": p["loss"] / steps, "loss/value": v["loss"] / steps,
+        p = sums["policy"]
+        metrics = {"loss/policy": p["loss"] / steps,
                    "policy/clipfrac": p["clipfrac"] / tokens, "policy/approxkl": p["approx_kl"] / tokens,
-                   "policy/ratio": p["ratio"] / tokens, "val/clipfrac": v["vf_clipfrac"] / tokens,
-                   "val/explained_variance": explained_variance(traj.values, traj.returns, traj.mask).item()}
+                   "policy/ratio": p["ratio"] / tokens}
+        if "kl_loss" in p:
+            metrics.update({"loss/kl": p["kl_loss"] / steps, "policy/kl": p["kl"] / tokens})
+        if "value" in sums:
+            v = sums["value"]
+            metrics.update({"loss/value": v["loss"] / steps, "val/clipfrac": v["vf_clipfrac"] / tokens,
+                            "val/explained_variance": explained_variance(traj.values, traj.returns,
+                                                                         traj.mask).item()})
         # The last optimizer step's lr and gradient norm: policy/lr, policy/grad_norm, value/...
         metrics.update({f"{g}/{k}": x for g, m in last.items() for k, x in m.items()})
         return metrics
 
+    def sample(self, stage, step: int):
+        """The step's rollout, and with rollout.dynamic_sampling its scores: groups whose rewards
+        are all equal are dropped and refilled from further rollouts (at most max_refill_rounds);
+        a batch still short is topped up with dropped groups (zero advantage: no gradient)."""
+        cfg = self.cfg
+        rollout = stage.rollout(step)
+        if not cfg.rollout.dynamic_sampling:
+            return rollout, None, {}
+        k, n = cfg.rollout.group_size, cfg.rollout_batch_size
+        kept_rows: list = []
+        dropped_rows: list = []
+        dropped = 0
+        for attempt in range(cfg.rollout.max_refill_rounds + 1):
+            if attempt:  # a new seed and the next prompts of the data stream
+                rollout = stage.rollout(step + 1000003 * attempt)
+            scores = stage.score_rollout(rollout)["scores"]
+            kept, n_dropped = dynamic_sampling_filter(scores, k)
+            dropped += n_dropped
+            keep = set(kept.tolist())
+            rows = [({f: rollout[f][i] for f in rollout}, float(scores[i])) for i in range(len(scores))]
+            kept_rows += [r for i, r in enumerate(rows) if i in keep]
+            dropped_rows += [r for i, r in enumerate(rows) if i not in keep]
+            if len(kept_rows) >= n:
+                break
+        rows = (kept_rows + dropped_rows)[:n]  # whole groups: both lists hold whole groups
+        out = {f: [r[f] for r, _ in rows] for f in rows[0][0]}
+        metrics = {"rollout/dropped_groups": float(dropped), "rollout/rounds": float(attempt + 1),
+                   "rollout/zero_adv_groups": float(max(0, n - len(kept_rows)) // k)}
+        return out, torch.tensor([s for _, s in rows]), metrics
+
     def step(self, stage, step: int) -> Dict[str, float]:
         """One PPO step: rollout, experience, update, then the KL controller; with its time split."""
         t0 = time.perf_counter()
-        rollout = stage.rollout(step)
+        rollout, scores, sample_metrics = self.sample(stage, step)
         t1 = time.perf_counter()
-        exp = self.experience(stage, rollout)
+        exp = self.experience(stage, rollout, scores)
         t2 = time.perf_counter()
-        metrics = dict(exp["metrics"], **self.train(stage, exp, step))
+        metrics = dict(exp["metrics"], **self.train(stage, exp, step), **sample_metrics)
         t3 = time.perf_counter()
         self.kl_ctl.update(exp["metrics"]["objective/kl"], self.cfg.rollout_batch_size)
         generated = float(exp["trajectory"].mask.sum())
@@ -216,7 +360,9 @@ def start(cfg: PPOConfig):
 def run(cfg: PPOConfig, reuse: bool = True, group: Optional[str] = None) -> Dict[str, Any]:
     """Runs (or reuses) the PPO stage; returns its summary (also in DONE.json)."""
     fingerprint = data_fingerprint([*cfg.data.train, *cfg.data.eval], cfg.seed)
-    inputs = {"policy": cfg.model.name_or_path, "reward_model": cfg.reward_model}
+    inputs = {"policy": cfg.model.name_or_path}
+    if cfg.uses_reward_model:
+        inputs["reward_model"] = cfg.reward_model
     return run_stage("ppo", cfg, OnDriver(start), fingerprint, inputs=inputs, group_name=group, reuse=reuse)
 
 

@@ -34,6 +34,7 @@ from align.generation import sample
 from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, last_token_index, token_scalars
 from align.models.logprobs import sequence_logprobs
 from align.stage import load_tokenized
+from rlhf.policy_loss import clipped_policy_loss, kl_loss
 from rlhf.ppo_math import entropy_from_logits, policy_loss, value_loss
 
 Row = Dict[str, Any]
@@ -128,9 +129,9 @@ class PolicyWorker:
         train, self.eval_rows, self.report = load_tokenized(cfg.data, "prompt", self.tokenizer, cfg.seed)
         if cfg.eval_prompts and self.eval_rows is None:
             raise ConfigError("eval_prompts: needs held-out prompts (data.eval or data.eval_fraction); or set it to 0")
-        # Global batch b holds the same prompts whatever the number of ranks.
-        self.batches = BatchIterator(train, cfg.rollout_batch_size // de.world_size(), cfg.seed, de.rank(),
-                                     de.world_size())
+        # Global batch b holds the same prompts whatever the number of ranks; K responses each.
+        self.batches = BatchIterator(train, cfg.rollout_batch_size // cfg.rollout.group_size // de.world_size(),
+                                     cfg.seed, de.rank(), de.world_size())
         self.data_iter = iter(self.batches)
         self.gas = _grad_accum(cfg, de.world_size())
         model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
@@ -152,20 +153,25 @@ class PolicyWorker:
         return {"start_step": self.step, "driver_state": self.driver_state, "prompts": len(self.batches.dataset),
                 "data_report": dict(self.report)}
 
-    def _sample(self, prompts: List[List[int]], sampling, seed: int) -> Dict[str, list]:
+    def _sample(self, rows: Sequence[Row], sampling, seed: int) -> Dict[str, list]:
+        """Samples one response per data row; prompt_text and extras are the rows' own (the gold
+        scorer and the reward functions read the text as written, not the chat-templated one)."""
+        prompts = [e["prompt_ids"] for e in rows]
         # Under ZeRO-3, gathering the weights once beats gathering them at every decoding step.
         gather = self.de.gathered_parameters(self.engine) if self.cfg.gather_for_generation else nullcontext()
         with gather:
             out = sample(self.generate_fn, self.tokenizer, prompts, sampling,
                          micro_batch_size=self.cfg.generation_batch_size, seed=seed, device=self.de.device())
-        prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
         return {"prompt": out.prompt_ids, "response": out.response_ids, "eos": out.ended_with_eos,
-                "text": out.texts, "prompt_text": prompt_texts}
+                "text": out.texts, "prompt_text": [e["prompt_text"] for e in rows],
+                "extras": [e.get("extras") or "" for e in rows]}
 
     def rollout(self, step: int) -> Dict[str, list]:
-        """Samples one response for each of this rank's prompts of PPO step `step`."""
-        prompts = [e["prompt_ids"] for e in next(self.data_iter)]
-        return self._sample(prompts, self.cfg.sampling, seed=self.cfg.seed + 7919 * step + self.de.rank())
+        """Samples rollout.group_size responses for each of this rank's prompts of PPO step `step`
+        (prompt-major: the K samples of a prompt are consecutive rows, one group)."""
+        k = self.cfg.rollout.group_size
+        batch = [e for e in next(self.data_iter) for _ in range(k)]
+        return self._sample(batch, self.cfg.sampling, seed=self.cfg.seed + 7919 * step + self.de.rank())
 
     def eval_rollout(self, num_prompts: int) -> Dict[str, list]:
         """Samples the first `num_prompts` eval prompts (this rank's contiguous share, padded to
@@ -173,8 +179,8 @@ class PolicyWorker:
         n, world = min(num_prompts, len(self.eval_rows)), self.de.world_size()
         per_rank = math.ceil(n / world)
         idx = [i if i < n else 0 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank)]
-        prompts = [self.eval_rows[i]["prompt_ids"] for i in idx]
-        out = self._sample(prompts, self.cfg.eval_sampling, seed=self.cfg.seed + 104729 + self.de.rank())
+        out = self._sample([self.eval_rows[i] for i in idx], self.cfg.eval_sampling,
+                           seed=self.cfg.seed + 104729 + self.de.rank())
         real = sum(1 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank) if i < n)
         return {k: v[:real] for k, v in out.items()}
 
@@ -203,7 +209,20 @@ class PolicyWorker:
             new = response_view(lp.token_logps, plens, mask.shape[1])
             old = pad_right([r["old_logprobs"] for r in part], mask.shape[1], mask.device)
             adv = pad_right([r["advantages"] for r in part], mask.shape[1], mask.device)
-            loss, stats = policy_loss(new, old, adv, mask, cfg.clip_range, num_tokens=num_tokens)
+            clip_low = cfg.loss.clip_low if cfg.loss.clip_low is not None else cfg.clip_range
+            if cfg.aggregation == "token_mean":  # PPO's path, unchanged numbers
+                loss, stats = policy_loss(new, old, adv, mask, clip_low, num_tokens=num_tokens,
+                                          clip_range_high=cfg.loss.clip_high)
+            else:  # num_tokens is then the minibatch's sequence count over all ranks
+                loss, stats = clipped_policy_loss(new, old, adv, mask, clip_low, cfg.loss.clip_high,
+                                                  cfg.aggregation, normalizer=num_tokens)
+            if cfg.kl.mode == "loss":  # GRPO's KL term, beta * k3 by default, aggregated like the loss
+                ref = pad_right([r["ref_logprobs"] for r in part], mask.shape[1], mask.device)
+                kl_term, kl_mean = kl_loss(new, ref, mask, cfg.kl.coef, cfg.aggregation, num_tokens,
+                                           cfg.kl.estimator)
+                stats = dict(stats, kl=kl_mean)
+                totals["kl_loss"] = totals.get("kl_loss", 0.0) + kl_term.item()
+                loss = loss + kl_term
             engine.backward(loss * scale)
             self.de.optimizer_step(engine)
             totals["loss"] += loss.item()

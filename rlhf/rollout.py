@@ -13,6 +13,7 @@ rank a contiguous, equally long share and `gather` returns one result per row in
 
 from __future__ import annotations
 
+import json
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Sequence, Tuple
@@ -23,11 +24,13 @@ import torch
 from align.engine.ray_group import ActorGroup, create_placement_group, remove_shared_placement_group, start_ray
 from align.evaluation import bootstrap_ci
 from align.task import gold_scorer_for
+from reward_model.rewards import REWARD_MODEL, build_reward
 from rlhf.ppo_math import Trajectory
 from rlhf.ppo_workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueWorker, pad_right
 
 # The per-rank class of every group a rollout stage can start (one config section each).
 WORKERS = {"policy": PolicyWorker, "value": ValueWorker, "reference": ReferenceWorker, "reward": RewardWorker}
+GROUP_ORDER = ("policy", "value", "reference", "reward")
 # What each group computes over a rollout's rows (method, keyword arguments), in call order.
 INFERENCE = (("policy", "logprobs", {"entropy": True}), ("reference", "logprobs", {}),
              ("value", "values", {}), ("reward", "scores", {}))
@@ -37,9 +40,19 @@ TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages
 
 
 def groups_for(cfg) -> Tuple[str, ...]:
-    """The groups a run starts. PPO's advantages (GAE) need the value model; a critic-free
-    estimator (GRPO, RLOO) will return no "value" here, and nothing else has to change."""
-    return ("policy", "value", "reference", "reward")
+    """The groups a run starts: the value model only for an estimator that needs one (gae), the
+    reward model only when a reward.fns term is "reward_model". Everything else iterates over
+    the groups present."""
+    return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
+                 and (g != "reward" or cfg.uses_reward_model))
+
+
+def train_fields(cfg) -> Dict[str, Dict[str, str]]:
+    """TRAIN_FIELDS of the trained groups; kl.mode=loss also sends the reference log-probs."""
+    fields = {g: dict(f) for g, f in TRAIN_FIELDS.items()}
+    if cfg.kl.mode == "loss":
+        fields["policy"]["ref_logprobs"] = "ref_logprobs"
+    return fields
 
 
 def mean_ci(values: Sequence[float], seed: int) -> tuple:
@@ -80,6 +93,10 @@ class RolloutStage:
         self.algorithm.load_state_dict(state)
         self.start_eval: Dict[str, Any] = state.get("start_eval", {})
         self.gold = gold_scorer_for(s.path for s in cfg.data.train)
+        # The configured reward; a "reward_model" term reads the reward group's scores of the batch.
+        self._rm_scores: List[float] = []
+        only_rm = [t.fn for t in cfg.reward.fns] == [REWARD_MODEL] and cfg.reward.fns[0].weight == 1.0
+        self.reward_fn = None if only_rm else build_reward(cfg.reward, [s.path for s in cfg.data.train], self)
 
     # -- what run_stage drives --------------------------------------------------------------------
 
@@ -135,20 +152,45 @@ class RolloutStage:
         """Response log-probs of {"prompt", "response"} rows under the policy or the reference."""
         return [o["logprobs"] for o in self.groups[group].gather(self.groups[group].scatter("logprobs", rows))]
 
-    def inference(self, rollout: Dict[str, list]) -> Dict[str, Any]:
+    def score(self, prompt, response) -> List[float]:
+        """The "reward_model" term of `reward_fn`: the reward group's scores of the current batch."""
+        assert len(self._rm_scores) == len(response)
+        return self._rm_scores
+
+    def _combine(self, rollout: Dict[str, list], rm_scores: List[float]) -> Dict[str, Any]:
+        """The rollout's rewards (B,) from the reward terms (the reward model's normalised scores
+        alone when that is the only term, as before), and each term's values for logging."""
+        if self.reward_fn is None:
+            return {"scores": torch.tensor(rm_scores), "reward_terms": {}}
+        self._rm_scores = rm_scores
+        extras = [json.loads(e) if e else {} for e in rollout.get("extras", [""] * len(rollout["text"]))]
+        result = self.reward_fn(rollout["prompt_text"], rollout["text"], extras)
+        return {"scores": torch.tensor(result.total), "reward_terms": result.terms}
+
+    def score_rollout(self, rollout: Dict[str, list]) -> Dict[str, Any]:
+        """The rollout's rewards alone (dynamic sampling needs them before the other forwards)."""
+        rm = []
+        if "reward" in self.groups:
+            rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
+            rm = self.groups["reward"].gather(self.groups["reward"].scatter("scores", rows))
+        return self._combine(rollout, rm)
+
+    def inference(self, rollout: Dict[str, list], scores=None) -> Dict[str, Any]:
         """Every started group's forward over the rollout, all groups at once: the rows, mask,
         policy log-probs and summed entropy, reference log-probs, values (None without a value
-        group) and the reward model's normalised scores (B,). Tensors (B, T) are right-padded."""
+        group) and the rollout's rewards (B,) (the given `scores` if any: the reward group then
+        skips). Tensors (B, T) are right-padded."""
         rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
         pending = {g: self.groups[g].scatter(method, rows, **kwargs) for g, method, kwargs in INFERENCE
-                   if g in self.groups}
+                   if g in self.groups and not (g == "reward" and scores is not None)}
         out = {g: self.groups[g].gather(p) for g, p in pending.items()}
+        rewards = ({"scores": scores, "reward_terms": {}} if scores is not None
+                   else self._combine(rollout, out.get("reward", [])))
         return {"rows": rows, "mask": pad_right([torch.ones(len(r)) for r in rollout["response"]]),
                 "logprobs": pad_right([o["logprobs"] for o in out["policy"]]),
                 "entropy": sum(o["entropy"] for o in out["policy"]),
                 "ref_logprobs": pad_right([o["logprobs"] for o in out["reference"]]),
-                "values": pad_right(out["value"]) if "value" in out else None,
-                "scores": torch.tensor(out["reward"])}
+                "values": pad_right(out["value"]) if "value" in out else None, **rewards}
 
     def update(self, rows: Sequence[Dict[str, list]], traj: Trajectory, step: int) -> tuple:
         """ppo_epochs passes of num_minibatches optimizer steps on every trained group at once.
@@ -159,7 +201,9 @@ class RolloutStage:
         """
         cfg, n = self.cfg, len(rows)
         lengths = traj.mask.sum(1).long().tolist()
-        trained = {g: fields for g, fields in TRAIN_FIELDS.items() if g in self.groups}
+        trained = {g: fields for g, fields in train_fields(cfg).items() if g in self.groups}
+        # The policy loss's global normaliser: tokens (token_mean) or sequences (seq_mean_*).
+        per_row = lengths if cfg.aggregation == "token_mean" else [1 if x else 0 for x in lengths]
         sums: Dict[str, Dict[str, float]] = {g: {} for g in trained}
         last: Dict[str, Dict[str, float]] = {}
         tokens = 0.0
@@ -169,9 +213,10 @@ class RolloutStage:
                 idx = order[mb * n // cfg.num_minibatches:(mb + 1) * n // cfg.num_minibatches]
                 num_tokens = float(sum(lengths[i] for i in idx))
                 tokens += num_tokens
+                normalizer = {"policy": float(sum(per_row[i] for i in idx)), "value": num_tokens}
                 pending = {g: self.groups[g].scatter("train_minibatch", [
                     dict(rows[i], **{k: getattr(traj, src)[i, : lengths[i]] for k, src in fields.items()})
-                    for i in idx], num_tokens=num_tokens) for g, fields in trained.items()}
+                    for i in idx], num_tokens=normalizer[g]) for g, fields in trained.items()}
                 for g, (refs, _) in pending.items():
                     parts = self.groups[g].get(refs)
                     for part in parts:

@@ -20,6 +20,7 @@ last is the assistant's (earlier ones are prompt turns).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -49,7 +50,9 @@ NORMALIZED = {
          "scores": ListOf(Value("float64")), **_WHERE}
     ),
     "binary": Features({**_PROMPT, "completion": Value("string"), "label": Value("bool"), **_WHERE}),
-    "prompt": Features({**_PROMPT, **_WHERE}),
+    # extras: the prompt row's other fields (schema, answer, ...) as one JSON object text, for
+    # the reward functions of RL stages ("" when there are none).
+    "prompt": Features({**_PROMPT, "extras": Value("string"), **_WHERE}),
 }
 
 
@@ -309,14 +312,17 @@ def _prompt(row: dict) -> dict:
         messages, prompt_text = prompt_of(row["messages"], "messages")
     else:
         messages, prompt_text = prompt_of(row.get("prompt"), "prompt")
-    return {"messages": messages, "prompt_text": prompt_text}
+    extras = {k: v for k, v in row.items() if k not in ("prompt", "messages") and not k.startswith("_")
+              and v is not None}
+    return {"messages": messages, "prompt_text": prompt_text,
+            "extras": json.dumps(extras, sort_keys=True, default=str) if extras else ""}
 
 
 _NORMALIZERS: Dict[str, Callable[[dict], dict]] = {
     "sft": _sft, "preference": _preference, "binary": _binary, "prompt": _prompt,
 }
 # Placeholder values of a dropped row; it is filtered out right after the map.
-_EMPTY = {"messages": [], "prompt_text": "", "completion": "", "responses": [], "margin": 0.0, "label": False,
+_EMPTY = {"messages": [], "prompt_text": "", "extras": "", "completion": "", "responses": [], "margin": 0.0, "label": False,
           "scores": []}
 # Rows dropped for these reasons are dropped whatever data.on_error says (they are choices, not errors).
 CHOSEN_DROPS = ("tied_best",)

@@ -39,7 +39,7 @@ TOKENIZED = {
     "binary": Features({"prompt_ids": IDS, "completion_ids": IDS, "label": Value("bool"),
                         "prompt_truncated": Value("bool"), "completion_truncated": Value("bool"), **_WHERE}),
     "prompt": Features({"prompt_ids": IDS, "messages": MESSAGES, "prompt_text": Value("string"),
-                        "prompt_truncated": Value("bool"), **_WHERE}),
+                        "extras": Value("string"), "prompt_truncated": Value("bool"), **_WHERE}),
     "ranking": Features({"prompt_ids": IDS, "responses_ids": ListOf(IDS), "group": Value("int64"),
                          "prompt_truncated": Value("bool"), "responses_truncated": ListOf(Value("bool")),
                          **_WHERE}),
@@ -48,7 +48,7 @@ TOKENIZED = {
 _RESPONSES = {
     "sft": ["completion"], "pairwise": ["chosen", "rejected"], "binary": ["completion"], "prompt": [],
 }
-_KEPT = ("source", "row", "group", "margin", "weight", "label", "messages", "prompt_text")
+_KEPT = ("source", "row", "group", "margin", "weight", "label", "messages", "prompt_text", "extras")
 
 
 def uses_chat_template(tokenizer, data_cfg: DataConfig) -> bool:
