@@ -30,10 +30,12 @@ from align.config import ConfigError
 from align.data.batching import BatchIterator
 from align.data.collate import collate_rows
 from align.engine import deepspeed_engine as de
+from align.evaluation import sample_and_score
 from align.generation import sample
 from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, last_token_index, token_scalars
 from align.models.logprobs import sequence_logprobs
 from align.stage import load_tokenized
+from reward_model.loss import reward_normalization
 from rlhf.policy_loss import clipped_policy_loss, kl_loss
 from rlhf.ppo_math import entropy_from_logits, policy_loss, value_loss
 
@@ -179,10 +181,22 @@ class PolicyWorker:
         n, world = min(num_prompts, len(self.eval_rows)), self.de.world_size()
         per_rank = math.ceil(n / world)
         idx = [i if i < n else 0 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank)]
-        out = self._sample([self.eval_rows[i] for i in idx], self.cfg.eval_sampling,
-                           seed=self.cfg.seed + 104729 + self.de.rank())
+        rows = [self.eval_rows[i] for i in idx]
+        # The held-out sampling-and-scoring helper every stage uses; the driver adds KL and CIs.
+        gather = self.de.gathered_parameters(self.engine) if self.cfg.gather_for_generation else nullcontext()
+        with gather:
+            scored = sample_and_score(self.generate_fn, self.tokenizer, [r["prompt_ids"] for r in rows],
+                                      [r["prompt_text"] for r in rows], self.cfg.eval_sampling,
+                                      seed=self.cfg.seed + 104729 + self.de.rank(),
+                                      task_paths=[s.path for s in self.cfg.data.train],
+                                      micro_batch_size=self.cfg.generation_batch_size, device=self.de.device())
+        out = scored.samples
         real = sum(1 for i in range(self.de.rank() * per_rank, (self.de.rank() + 1) * per_rank) if i < n)
-        return {k: v[:real] for k, v in out.items()}
+        result = {"prompt": out.prompt_ids, "response": out.response_ids, "eos": out.ended_with_eos,
+                  "text": out.texts, "prompt_text": [r["prompt_text"] for r in rows]}
+        if scored.gold is not None:
+            result["gold"] = scored.gold
+        return {k: v[:real] for k, v in result.items()}
 
     @torch.no_grad()
     def logprobs(self, rows: Sequence[Row], entropy: bool = False, temperature: Optional[float] = None):
@@ -358,10 +372,7 @@ class RewardWorker:
         self.tokenizer = build_tokenizer(cfg.model)
         model = build_scalar_model(replace(cfg.model, name_or_path=cfg.reward_model, tokenizer=None),
                                    self.tokenizer, seed=cfg.seed)
-        self.mean, self.std = 0.0, 1.0
-        if cfg.normalize_reward:
-            self.mean = float(getattr(model.config, "reward_mean", 0.0) or 0.0)
-            self.std = float(getattr(model.config, "reward_std", 1.0) or 1.0)
+        self.mean, self.std = reward_normalization(model.config) if cfg.normalize_reward else (0.0, 1.0)
         self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free), group_deepspeed(cfg, cfg.reward, trained=False),
                                           cfg.optim)
 

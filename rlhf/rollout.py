@@ -239,8 +239,8 @@ class RolloutStage:
         metrics = {"n": len(rows), "length": statistics.mean(len(r) for r in out["response"]),
                    "eos_rate": statistics.mean(map(float, out["eos"]))}
         metrics.update(zip(("kl", "kl_ci_low", "kl_ci_high"), mean_ci(kl, cfg.seed)))
-        if self.gold is not None:
-            gold = list(map(self.gold, out["prompt_text"], out["text"]))
+        if "gold" in out:  # scored on the policy ranks by the task's gold scorer
+            gold = out["gold"]
             metrics.update(zip(("gold", "gold_ci_low", "gold_ci_high"), mean_ci(gold, cfg.seed)))
         metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
         metrics[f"{prefix}/examples"] = out["text"][:3]
