@@ -21,9 +21,11 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -84,14 +86,12 @@ class RankActor:
     """The Ray actor of one rank: hosts the stage's per-rank worker object and runs its methods."""
 
     def __init__(self, group: str, rank: int, world_size: int, threads: int, env: Dict[str, str]):
-        import warnings
-
         # torch.distributed deprecation notices from inside DeepSpeed would repeat every step.
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.update(env)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           OMP_NUM_THREADS=str(threads))
-        import torch
+        import torch  # lazy: torch (here and in deepspeed_engine) loads after this rank's environment is set
 
         # Each rank gets its share of the cores; oversubscription makes steps 3-7x slower.
         torch.set_num_threads(threads)
@@ -101,7 +101,7 @@ class RankActor:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master_addr: str, master_port: int, backend: str, factory: Callable, args, kwargs) -> str:
-        from align.engine.deepspeed_engine import init_distributed
+        from align.engine.deepspeed_engine import init_distributed  # lazy: torch, see __init__
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         init_distributed(backend)
@@ -112,7 +112,7 @@ class RankActor:
         return getattr(self.worker, method)(*args, **kwargs)
 
     def teardown(self) -> None:
-        from align.engine.deepspeed_engine import teardown
+        from align.engine.deepspeed_engine import teardown  # lazy: torch, see __init__
 
         close = getattr(self.worker, "close", None)
         if callable(close):
@@ -268,8 +268,6 @@ def _error_of(ref) -> Optional[Exception]:
 
 def _failure_kind(err: Exception) -> int:
     """0: the actor died; 1: the worker raised; 2: a collective failed because a peer did."""
-    from ray.exceptions import RayActorError
-
     if isinstance(err, RayActorError):
         return 0
     cause = _describe_failure(err)[0].lower()
@@ -296,8 +294,6 @@ def _user_error(err: Exception):
 
 def _describe_failure(err: Exception) -> tuple:
     """A one-line cause and the remote traceback of an actor failure."""
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-
     if isinstance(err, RayTaskError):
         cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else None
         if cause is not None:
