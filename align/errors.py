@@ -12,6 +12,12 @@ it with the same message. Imports only the standard library.
 
 from __future__ import annotations
 
+import importlib
+import os
+import signal
+import sys
+import traceback
+
 
 class UserError(Exception):
     """A mistake the user can fix; its message is the whole explanation, on one line."""
@@ -41,8 +47,6 @@ class MissingExtraError(UserError, ImportError):
 
 def require(module: str, feature: str, install: str):
     """Imports `module`, or raises MissingExtraError naming `feature` and the install command."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -58,8 +62,6 @@ EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
 
 def debug_requested(argv: list) -> tuple:
     """(argv without `--debug`, whether tracebacks were asked for by --debug or ALIGN_DEBUG=1)."""
-    import os
-
     if "--debug" in argv:
         os.environ["ALIGN_DEBUG"] = "1"  # for the commands this one runs (align-run main -> pipeline)
     debug = os.environ.get("ALIGN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
@@ -80,8 +82,6 @@ def _one_line(text: str) -> str:
 
 def _stop_ray() -> None:
     """Ends the Ray this process started (its actors and daemons), if any; quietly."""
-    import sys
-
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         try:
@@ -100,10 +100,6 @@ def cli_main(fn, argv: list) -> int:
       exit 1.
     `--debug` or ALIGN_DEBUG=1 prints the traceback for every kind (exit codes stay the same).
     """
-    import signal
-    import sys
-    import traceback
-
     argv, debug = debug_requested(list(argv))
     # Ctrl-C while the stage runs: mark it so actor groups are killed at once, not torn down
     # politely behind a training step that may take seconds.
@@ -149,7 +145,5 @@ def fault_point(where: str, step: int) -> None:
     Lets tests make a real code path fail halfway (a checkpoint write, in an actor) and check
     what survives; unset, it costs one environment lookup.
     """
-    import os
-
     if os.environ.get("ALIGN_FAULT") == f"{where}@{step}":
         raise RuntimeError(f"fault injected by ALIGN_FAULT={where}@{step}")

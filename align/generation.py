@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from align.data.collate import collate_prompts
+from align.models.tokenizer import stop_token_ids
 
 
 @dataclass
@@ -38,8 +39,6 @@ def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]]
     """Samples one response per prompt, in micro-batches of left-padded prompts on `device`."""
     if seed is not None:
         torch.manual_seed(seed)
-    from align.models.tokenizer import stop_token_ids
-
     # The chat template's end-of-turn token and EOS both end a response (the first is listed first).
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     responses, texts, ended = [], [], []

@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from align.errors import ConfigError
+from align.errors import ConfigError, cli_main
 
 # stage -> (module, default config, config class in that module)
 STAGES = {
@@ -24,8 +24,6 @@ STAGES = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from align.errors import cli_main
-
     return cli_main(_main, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -38,6 +36,7 @@ def _main(argv: List[str]) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name == "main":
+        # lazy: the pipeline imports this module, and torch and datasets, which a stage or --help never needs
         from launch import pipeline
 
         return pipeline.main(rest)

@@ -17,19 +17,19 @@ import sys
 from typing import List, Optional
 
 from align.errors import UserError
+from align.models import sources
+from align.models.tokenizer import load_tokenizer
 
 
 def import_model(source: str, out: str, gguf_file: Optional[str] = None) -> str:
-    from align.models import sources
-
     if sources.is_gguf_source(source, gguf_file):
         return sources.materialise_gguf(sources.gguf_path(source, gguf_file, key="SRC"), out)
     if not os.path.isdir(source):
         raise UserError(f"SRC: {source} is neither a GGUF file nor a model folder")
+    # heavy (transformers, torch): only when a model folder is re-saved
     from transformers import AutoModelForCausalLM
 
     from align.models.builders import save_pretrained
-    from align.models.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source)
     return save_pretrained(model, load_tokenizer(source), out)

@@ -22,6 +22,8 @@ the others go on; the report marks it (launch.sweep_report).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import itertools
 import json
 import logging
@@ -32,7 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from align.config import ConfigError, RayConfig, TrackingConfig, load_config
+from align.data.prepare import check_data, check_models, prepare_stage
+from align.errors import cli_main
 from align.evaluation import EvalConfig
+from align.run import RunDir, read_json
+from launch.cli import STAGES, config_class
+from launch.report import evaluate_and_report, print_summary
+from launch.sweep_report import evaluate_and_report_sweep
 
 log = logging.getLogger("align.pipeline")
 
@@ -199,8 +207,6 @@ def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra:
                  member: Optional[Member] = None):
     """The resolved config of stage `name` (or of one `member` of it): shared < stage file <
     stage overrides < the member's sweep values and seed < inputs < command line."""
-    from launch.cli import STAGES, config_class
-
     spec = pipe.stages[name]
     if spec.stage not in STAGES:
         raise ConfigError(f"stages.{name}.stage: {spec.stage!r} is not one of {sorted(STAGES)}")
@@ -229,8 +235,6 @@ def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra:
 
 
 def _as_dict(obj: Any) -> Dict[str, Any]:
-    import dataclasses
-
     return dataclasses.asdict(obj)
 
 
@@ -241,12 +245,6 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
     With sweeps or seeds (`is_expanded`) every member runs; one that fails (its config, its run,
     or an upstream run it needs) is recorded in the result's `failed` and the others go on.
     """
-    import importlib
-
-    from align.data.prepare import prepare_stage
-    from align.run import RunDir, read_json
-    from launch.cli import STAGES
-
     names = order(pipe.stages)
     for flag, value in (("--from", start_from), ("--only", only)):
         if value is not None and value not in names:
@@ -309,12 +307,8 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
                                               for n in names for m in members[n]})
     if pipe.evaluation.enabled and (only is None or only == names[-1]):
         if expanded:
-            from launch.sweep_report import evaluate_and_report_sweep
-
             result.update(evaluate_and_report_sweep(pipe, models, summaries, result["members"], failed))
         else:
-            from launch.report import evaluate_and_report
-
             result.update(evaluate_and_report(pipe, models, summaries))
     result["wall_time_s"] = round(time.time() - started, 1)
     return result
@@ -324,8 +318,6 @@ def check_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), only: Op
     """Before any stage starts: every stage's config resolves, its model paths that no upstream
     stage produces exist, and every row of its data passes the checks (tokenizer-dependent
     checks, such as a prompt's length, run just before the stage, when its tokenizer exists)."""
-    from align.data.prepare import check_data, check_models
-
     names = order(pipe.stages)
     if only is not None and only not in names:
         raise ConfigError(f"--only: no stage named {only!r}; stages are {names}")
@@ -347,8 +339,6 @@ def _fail(failed: Dict[str, str], key: str, message: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from align.errors import cli_main
-
     return cli_main(_main, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -370,8 +360,6 @@ def _main(argv: Sequence[str]) -> int:
     check_pipeline(pipe, stage_overrides, args.only)  # quiet: nothing is printed before a mistake
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run_pipeline(pipe, stage_overrides, args.start_from, args.only)
-    from launch.report import print_summary
-
     print_summary(result)
     return 1 if result.get("failed") else 0
 

@@ -17,12 +17,14 @@ import base64
 import csv
 import dataclasses
 import hashlib
+import html
 import json
 import math
 import os
 from typing import Any, Dict, List
 
 from align.run import input_identity, read_json, write_json
+from align.tracking import Tracker, read_metrics
 
 COLUMNS = [("method", "method"), ("gold", "gold score"), ("rm", "RM score"), ("kl", "KL to ref"),
            ("win_rate", "win rate vs baseline"), ("length", "length"), ("distinct_2", "distinct-2"),
@@ -36,6 +38,7 @@ def _methods(pipe) -> List[tuple]:
 def evaluate_policies(pipe, reference: str, rm_dir, jobs: List[tuple]) -> List[Dict[str, Any]]:
     """Evaluates each (name, cache file, model dir) of `jobs` against `reference`, with a result
     cached per policy and settings (a cache hit starts nothing)."""
+    # heavy (ray; torch and datasets): only when a policy is evaluated
     from align.engine.ray_group import ActorGroup, start_ray
     from align.evaluation import EvalWorker
 
@@ -63,7 +66,7 @@ def evaluate_policies(pipe, reference: str, rm_dir, jobs: List[tuple]) -> List[D
 
 
 def evaluate_and_report(pipe, models: Dict[str, str], summaries: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    from align.evaluation import summarize
+    from align.evaluation import summarize  # heavy (torch, datasets): only when the pipeline evaluates
 
     ev = pipe.evaluation
     out_dir = os.path.join(pipe.run_root, "report")
@@ -166,8 +169,6 @@ def plot_training_curves(pipe, summaries: Dict[str, Dict[str, Any]], path: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from align.tracking import read_metrics
-
     names = [n for n in pipe.stages if n in summaries]
     cols = max(1, min(3, len(names)))
     rows_n = int(math.ceil(len(names) / cols)) or 1
@@ -193,8 +194,6 @@ def write_html(report: Dict[str, Any], table_md: str, samples: Dict[str, List[st
                extra_md: str = "") -> None:
     """One page with the table, the plots (embedded as base64), `extra_md` (shown as
     preformatted text) and example responses."""
-    import html
-
     head = [r.strip("|").split("|") for r in table_md.splitlines()]
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
     table = f"<table><tr>{cells(head[0], 'th')}</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in head[2:]) + "</table>"
@@ -215,8 +214,6 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 
 
 def _to_wandb(pipe, report: Dict[str, Any], paths: Dict[str, str]) -> None:
-    from align.tracking import Tracker
-
     tracker = Tracker(pipe.tracking, os.path.dirname(paths["report_json"]), name=f"{pipe.name}-report",
                       config={"pipeline": pipe.name}, group=pipe.name, job_type="report")
     keys = sorted({k for r in report["methods"] for k in r if not k.endswith("_ci")})

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 from align.comparison import (best_at_budget, format_difference, frontier_points, kl_budgets, paired_bootstrap,
                               win_matrix)
 from align.run import write_json
+from align.tracking import Tracker, read_metrics
 from launch.report import evaluate_policies, markdown_table, write_html
 
 
@@ -42,7 +43,7 @@ def _counterpart(members: Dict[str, Dict[str, Any]], stage: str, seed: Any, avai
 
 def evaluate_and_report_sweep(pipe, models: Dict[str, str], summaries: Dict[str, Dict[str, Any]],
                               members: Dict[str, Dict[str, Any]], failed: Dict[str, str]) -> Dict[str, Any]:
-    from align.evaluation import summarize
+    from align.evaluation import summarize  # heavy (torch, datasets): only when the pipeline evaluates
 
     ev = pipe.evaluation
     out_dir, cache_dir = os.path.join(pipe.run_root, "report"), os.path.join(pipe.run_root, "evaluation")
@@ -213,8 +214,6 @@ def plot_member_curves(summaries: Dict[str, Dict[str, Any]], members: Dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from align.tracking import read_metrics
-
     stages = list(dict.fromkeys(m["name"] for k, m in members.items() if k in summaries))
     cols = max(1, min(3, len(stages)))
     rows = -(-len(stages) // cols) or 1
@@ -240,8 +239,6 @@ def plot_member_curves(summaries: Dict[str, Dict[str, Any]], members: Dict[str, 
 def _to_wandb(pipe, report: Dict[str, Any], paths: Dict[str, str]) -> None:
     """The group's report run: the per-run table, the frontier (figure and table), the pairwise
     differences and the win matrix."""
-    from align.tracking import Tracker
-
     tracker = Tracker(pipe.tracking, os.path.dirname(paths["report_json"]), name=f"{pipe.name}-report",
                       config={"pipeline": pipe.name, "seeds": list(pipe.seeds), "sweeps": report["settings"]["sweeps"]},
                       group=pipe.name, job_type="report")

@@ -26,7 +26,14 @@ import shutil
 import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
 
+import datasets
+
 from align.config import DataConfig, SourceConfig
+from align.data.errors import DataReport
+from align.data.sources import data_fingerprint, load_splits
+from align.data.tokenize import tokenize_rows
+from align.errors import ModelSourceError, require
+from align.models.builders import build_tokenizer
 
 log = logging.getLogger("align.data")
 
@@ -51,8 +58,6 @@ def tokenizer_identity(tokenizer) -> Optional[str]:
 
 
 def cache_key(data_cfg: DataConfig, kind: str, tokenizer, seed: int) -> Optional[str]:
-    from align.data.sources import data_fingerprint
-
     tok = tokenizer_identity(tokenizer)
     if tok is None:
         return None
@@ -64,10 +69,6 @@ def cache_key(data_cfg: DataConfig, kind: str, tokenizer, seed: int) -> Optional
 
 def tokenized(data_cfg: DataConfig, kind: str, tokenizer, seed: int):
     """(train, eval or None, report): rows loaded, checked, normalised and tokenized."""
-    from align.data.errors import DataReport
-    from align.data.sources import load_splits
-    from align.data.tokenize import tokenize_rows
-
     report = DataReport()
     train, evals = load_splits(data_cfg, kind, seed, report)
     train = tokenize_rows(train, kind, tokenizer, data_cfg, report)
@@ -83,10 +84,6 @@ def load_prepared(data_cfg: DataConfig, kind: str, tokenizer, seed: int):
     path = os.path.join(cache_root(), key)
     if not os.path.exists(os.path.join(path, "report.json")):  # written last: the entry is whole
         return None
-    import datasets
-
-    from align.data.errors import DataReport
-
     with open(os.path.join(path, "report.json")) as fh:
         report = DataReport(json.load(fh))
     train = datasets.load_from_disk(os.path.join(path, "train"))
@@ -161,8 +158,6 @@ def _looks_local(path: str) -> bool:
 def check_model_source(key: str, path: str) -> None:
     """ModelSourceError for a local model path that does not exist; MissingExtraError for a
     GGUF file without the `gguf` package (transformers needs it, and accelerate, to read one)."""
-    from align.errors import ModelSourceError, require
-
     if path.startswith("builtin:"):
         return
     local = os.path.expanduser(path)
@@ -182,8 +177,6 @@ def check_models(cfg: Any, skip: Tuple[str, ...] = ()) -> None:
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
     """No datasets progress bars while checking: a user's mistake must print one line only."""
-    import datasets
-
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -195,9 +188,6 @@ def _quiet_progress() -> Iterator[None]:
 
 def tokenizer_for(cfg: Any):
     """The stage's tokenizer, as its workers build it; a path that cannot be read is the user's."""
-    from align.errors import ModelSourceError
-    from align.models.builders import build_tokenizer
-
     try:
         return build_tokenizer(cfg.model)
     except OSError as err:  # transformers: not found, not a model folder, no network
@@ -209,8 +199,6 @@ def tokenizer_for(cfg: Any):
 
 def check_data(cfg: Any) -> None:
     """Loads and checks every row the stage reads, without a tokenizer (see `prepare_stage`)."""
-    from align.data.sources import load_splits
-
     with _quiet_progress():
         for data_cfg, kind in stage_data(cfg):
             load_splits(data_cfg, kind, cfg.seed)

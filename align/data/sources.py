@@ -27,10 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
+from datasets.data_files import DEFAULT_PATTERNS_ALL, get_data_patterns
 
 from align.config import ConfigError, DataConfig, SourceConfig
 from align.data.errors import DataError, DataReport, drop_marked, logger
 from align.data.formats import KINDS, NORMALIZED, expand_pairs, is_path, normalize_batch, normalized_kind, path_root
+from align.task import builtin_path
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 BUILTIN_PREFIX = "builtin:"
@@ -41,8 +43,6 @@ Part = Tuple[str, datasets.Dataset]  # (label used in errors, raw rows)
 
 def resolve_builtin(name: str, seed: int) -> str:
     """The .jsonl file of a split of a built-in task (`name` without the prefix)."""
-    from align.task import builtin_path
-
     return builtin_path(BUILTIN_PREFIX + name, seed)
 
 
@@ -56,8 +56,6 @@ def _data_files(directory: str) -> List[str]:
 
 def _is_plain_data_dir(directory: str) -> bool:
     """True for a folder holding only data files, none named after a split."""
-    from datasets.data_files import DEFAULT_PATTERNS_ALL, get_data_patterns
-
     files = _data_files(directory)
     return (
         bool(files)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
+from align.engine.deepspeed_engine import CPU_OPS, op_build_dir
+from align.waits import clear_stale_lock
+
 
 def main() -> int:
-    import torch
-
-    from align.engine.deepspeed_engine import CPU_OPS, op_build_dir
-    from align.waits import clear_stale_lock
-
     if torch.cuda.is_available():
         return 0  # GPU ops are built by DeepSpeed's installer or on first use, per op
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # heavy: only on CPU, where an op is built
 
     builders = {"deepspeed_shm_comm": "ShareMemCommBuilder"}
     for op in CPU_OPS:

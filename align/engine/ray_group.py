@@ -1,8 +1,8 @@
 """The one module that owns Ray.
 
 A stage runs as one or more `ActorGroup`s: N actors, each one torch.distributed rank of the
-group's own process group, hosting a "role" object (the stage's per-rank worker class) built
-after the process group is up. The driver calls the role's methods on every rank and gets
+group's own process group, hosting the stage's per-rank worker object (a `...Worker` class) built
+after the process group is up. The driver calls the worker's methods on every rank and gets
 their results back; if an actor raises or dies, the driver gets a `GroupError` naming the
 group, the rank and the cause, and the group is shut down, never left hanging.
 
@@ -21,9 +21,11 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -80,44 +82,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Worker:
-    """One rank. Hosts the role object and runs its methods."""
+class RankActor:
+    """The Ray actor of one rank: hosts the stage's per-rank worker object and runs its methods."""
 
     def __init__(self, group: str, rank: int, world_size: int, threads: int, env: Dict[str, str]):
-        import warnings
-
         # torch.distributed deprecation notices from inside DeepSpeed would repeat every step.
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.update(env)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           OMP_NUM_THREADS=str(threads))
-        import torch
+        import torch  # lazy: torch (here and in deepspeed_engine) loads after this rank's environment is set
 
         # Each rank gets its share of the cores; oversubscription makes steps 3-7x slower.
         torch.set_num_threads(threads)
-        self.group, self.rank, self.role = group, rank, None
+        self.group, self.rank, self.worker = group, rank, None
 
     def address(self) -> tuple:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master_addr: str, master_port: int, backend: str, factory: Callable, args, kwargs) -> str:
-        from align.engine.deepspeed_engine import init_distributed
+        from align.engine.deepspeed_engine import init_distributed  # lazy: torch, see __init__
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         init_distributed(backend)
-        self.role = factory(*args, **kwargs)
+        self.worker = factory(*args, **kwargs)
         return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def call(self, method: str, args, kwargs) -> Any:
-        return getattr(self.role, method)(*args, **kwargs)
+        return getattr(self.worker, method)(*args, **kwargs)
 
     def teardown(self) -> None:
-        from align.engine.deepspeed_engine import teardown
+        from align.engine.deepspeed_engine import teardown  # lazy: torch, see __init__
 
-        close = getattr(self.role, "close", None)
+        close = getattr(self.worker, "close", None)
         if callable(close):
             close()
-        self.role = None
+        self.worker = None
         teardown()
 
 
@@ -148,7 +148,7 @@ class ActorGroup:
                                        f"(cluster has {ray.cluster_resources()})")
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         threads = max(1, int(cfg.cpus_per_actor))
-        remote = ray.remote(Worker)
+        remote = ray.remote(RankActor)
         self.actors = [
             remote.options(
                 num_cpus=cfg.cpus_per_actor * share,
@@ -172,7 +172,7 @@ class ActorGroup:
         self.nodes, self.node_ids = (list(x) for x in zip(*self._get(refs)))
 
     def call_async(self, method: str, *args, per_rank: Optional[Sequence[tuple]] = None, **kwargs) -> List[Any]:
-        """Starts `role.method` on every rank; `per_rank[r]` gives rank r its own positional args."""
+        """Starts `worker.method` on every rank; `per_rank[r]` gives rank r its own positional args."""
         return [
             a.call.remote(method, per_rank[r] if per_rank is not None else args, kwargs)
             for r, a in enumerate(self.actors)
@@ -185,7 +185,7 @@ class ActorGroup:
         return self._get(refs)
 
     def scatter(self, method: str, items: Sequence[Any], **kwargs) -> tuple:
-        """Starts `role.method(share, **kwargs)` on every rank, rank r getting the r-th contiguous
+        """Starts `worker.method(share, **kwargs)` on every rank, rank r getting the r-th contiguous
         share of `items`; returns what `gather` needs. Shares are equally long (short ones padded
         with items[0]) so that under ZeRO-3 every rank runs the same number of forwards."""
         parts, counts = split_even(items, self.world_size)
@@ -267,9 +267,7 @@ def _error_of(ref) -> Optional[Exception]:
 
 
 def _failure_kind(err: Exception) -> int:
-    """0: the actor died; 1: the role raised; 2: a collective failed because a peer did."""
-    from ray.exceptions import RayActorError
-
+    """0: the actor died; 1: the worker raised; 2: a collective failed because a peer did."""
     if isinstance(err, RayActorError):
         return 0
     cause = _describe_failure(err)[0].lower()
@@ -296,8 +294,6 @@ def _user_error(err: Exception):
 
 def _describe_failure(err: Exception) -> tuple:
     """A one-line cause and the remote traceback of an actor failure."""
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-
     if isinstance(err, RayTaskError):
         cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else None
         if cause is not None:

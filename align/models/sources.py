@@ -17,6 +17,7 @@ library at module level; transformers, torch and gguf when a GGUF file is materi
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -102,8 +103,6 @@ def materialise_gguf(path: str, out_dir: Optional[str] = None) -> str:
         return final
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
-    import fcntl
-
     with open(final + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if we crash
         if os.path.exists(os.path.join(final, _COMPLETE)):
@@ -127,7 +126,7 @@ def _convert(path: str, out_dir: str) -> None:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise MissingExtraError("loading a GGUF model file", INSTALL_GGUF)
-    import torch
+    import torch  # heavy (torch, transformers): only when a GGUF file is converted
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+from align.models.sources import resolve_source
+from align.task import default_tokenizer_corpus as tokenizer_corpus
+
 BUILTIN_TOKENIZER = "builtin:synthetic"
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -18,9 +21,8 @@ VOCAB_SIZE = 512
 
 @functools.lru_cache(maxsize=1)
 def _builtin_tokenizer_json() -> str:
+    # heavy (tokenizers, transformers): only when a tokenizer is built, here and below
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from align.task import default_tokenizer_corpus as tokenizer_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,8 +66,6 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     if name_or_path in (BUILTIN_TOKENIZER,) or name_or_path.startswith("builtin:tiny"):
         return build_builtin_tokenizer()
     from transformers import AutoTokenizer
-
-    from align.models.sources import resolve_source
 
     name_or_path = resolve_source(name_or_path, key="model.tokenizer")  # a GGUF file: its materialised copy
     tokenizer = AutoTokenizer.from_pretrained(

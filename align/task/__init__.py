@@ -18,6 +18,8 @@ import importlib
 from types import ModuleType
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from align.errors import ConfigError
+
 GoldScorer = Callable[[str, str], float]
 
 BUILTIN_PREFIX = "builtin:"
@@ -37,8 +39,6 @@ def parse_builtin(path: str) -> Optional[Tuple[str, str]]:
 
 def task_module(task: str) -> ModuleType:
     if task not in TASKS:
-        from align.errors import ConfigError
-
         raise ConfigError(f"unknown built-in task {task!r}; built-in tasks: {sorted(TASKS)}")
     return importlib.import_module(TASKS[task])
 

@@ -25,8 +25,11 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from align.cache import cache_dir
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary and the attributes of each kind: key -> (JSON type, sentence, value pattern)
@@ -297,8 +300,6 @@ def generate_task(seed: int = 0, sizes: Optional[Dict[str, int]] = None) -> Dict
 def builtin_path(split: str, seed: int = 0) -> str:
     """The split's JSONL file, written once per seed under the cache directory (atomic rename,
     so Ray actors asking at once agree), as align.task.synthetic does."""
-    from align.task.synthetic import cache_dir
-
     if split not in SPLITS:
         raise ValueError(f"builtin:json_records/{split}: unknown split; choose from {list(SPLITS)}")
     final = os.path.join(cache_dir(), "task", f"json_records-{_VERSION}-seed{seed}")
@@ -312,7 +313,5 @@ def builtin_path(split: str, seed: int = 0) -> str:
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race; its copy is identical
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(final, f"{split}.jsonl")

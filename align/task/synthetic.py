@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -262,8 +263,6 @@ def builtin_path(name: str, seed: int = 0) -> str:
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race; its copy is identical
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(final, f"{name}.jsonl")
 
