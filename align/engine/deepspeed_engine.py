@@ -220,6 +220,8 @@ def init_train_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimC
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # ZeRO-1/2 break on an empty group (LoRA: every trainable matrix is 2-D, no_decay is empty).
+    groups = [g for g in groups if g["params"]]
     fused = optim.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                 for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
