@@ -39,6 +39,40 @@ def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 @dataclass
+class LoRAConfig:
+    # Rank r of the low-rank update W + (alpha / r) * B A (Hu et al. 2021, arXiv 2106.09685).
+    # 0 or null: LoRA off, every weight trains.
+    r: Optional[int] = 0
+    # alpha of the paper: the update is scaled by alpha / r.
+    alpha: float = 16.0
+    # Dropout on the adapter's input (training only).
+    dropout: float = 0.0
+    # Linear layers that get an adapter: "all-linear" (every linear layer but the output head)
+    # or a list of module names, e.g. [q_proj, v_proj].
+    target_modules: Any = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r is not None and self.r < 0:
+            raise ConfigError(f"model.lora.r: must be >= 0 (0 or null: off), got {self.r!r}")
+        check_positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets != "all-linear":
+                raise ConfigError(f"model.lora.target_modules: 'all-linear' or a list of module names, got {targets!r}")
+        elif not (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets)):
+            raise ConfigError(f"model.lora.target_modules: 'all-linear' or a non-empty list of module names, "
+                              f"got {targets!r}")
+        else:
+            self.target_modules = list(targets)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.r)
+
+
+@dataclass
 class ModelConfig:
     # A Hugging Face model name, a local directory saved with `save_pretrained`, a GGUF file
     # (`.gguf`, dequantised once into a cached safetensors copy), "builtin:smollm2-135m-instruct"
@@ -62,6 +96,8 @@ class ModelConfig:
     # attention kept inside each sequence (align.models.padding_free), so no compute goes to
     # pad positions. Same losses up to float summation order; off restores padded batches.
     padding_free: bool = True
+    # Train LoRA adapters instead of all weights (align.models.lora); off unless lora.r > 0.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
@@ -236,6 +272,13 @@ class TrainConfig:
 
 
 @dataclass
+class ExportConfig:
+    # With model.lora: true writes the adapter merged into the base weights (a plain model any
+    # stage or `from_pretrained` loads); false writes the adapter alone (peft's format, small).
+    merge: bool = True
+
+
+@dataclass
 class StageConfig:
     """Parts every stage has. A stage's config adds its own fields beside these."""
 
@@ -246,6 +289,7 @@ class StageConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
     # The stage writes everything (config, checkpoints, model, metrics) under this directory.
     run_dir: str = "runs/default"

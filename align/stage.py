@@ -143,7 +143,8 @@ class StageWorker:
         return None
 
     def export(self, out_dir: str) -> Optional[str]:
-        return de.export_hf(self.engine, self.tokenizer, out_dir, extra_config=self.export_config())
+        return de.export_hf(self.engine, self.tokenizer, out_dir, extra_config=self.export_config(),
+                            merge=self.cfg.export.merge)
 
     def close(self) -> None:
         self.engine = None

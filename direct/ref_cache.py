@@ -31,7 +31,8 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -182,10 +183,12 @@ def load_or_compute(
     micro_batch_size: int,
     cache_dir: Optional[str] = None,
     padding_free: bool = False,
+    scope: Optional[Callable[[object], ContextManager]] = None,
 ) -> Tuple[Dict[str, Columns], Dict[str, dict]]:
     """Reference log-prob columns for each named dataset (e.g. "train", "eval"), from the cache
     or computed. The reference model is built by `build_model()` only when some split misses,
-    used for every missing split, and freed before returning.
+    used for every missing split, and freed before returning. `scope(model)`, when given, is a
+    context the rows are scored inside (the LoRA policy with its adapter off, see direct.reference).
 
     Returns ({split: columns}, {split: {"path", "key", "computed"}}). All ranks must call it.
     """
@@ -204,7 +207,8 @@ def load_or_compute(
                 if model is None:
                     model = build_model()
                 started = time.perf_counter()
-                columns = compute_logps(model, ds, collate, parts, micro_batch_size, padding_free)
+                with scope(model) if scope is not None else nullcontext():
+                    columns = compute_logps(model, ds, collate, parts, micro_batch_size, padding_free)
                 if rank() == 0:
                     _save(path, columns, {"reference": ref_id, "rows": str(len(ds)), "version": VERSION})
                 log.info("reference log-probs of %d %s rows computed in %.1f s -> %s", len(ds), name,

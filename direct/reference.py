@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -14,6 +15,7 @@ from align.config import ConfigError, ModelConfig, SourceConfig, StageConfig
 from align.engine import deepspeed_engine as de
 from align.generation import SamplingConfig
 from align.models.builders import build_causal_lm
+from align.models.lora import adapter_disabled
 from direct import ref_cache
 
 SFT_MODEL = "runs/sft/model"  # where the SFT stage (configs/sft/default.yaml) exports its policy
@@ -51,13 +53,38 @@ def reference_builder(cfg: DirectConfig, tokenizer) -> Callable[[], Any]:
     return build
 
 
+def uses_adapter_reference(cfg: DirectConfig) -> bool:
+    """With LoRA the reference is the policy itself with its adapter off: no second model."""
+    return cfg.model.lora.enabled
+
+
+@contextmanager
+def _adapter_off(engine):
+    """The policy engine as the reference: adapters off, eval mode (no dropout), restored after."""
+    was_training = engine.module.training
+    engine.eval()
+    try:
+        with adapter_disabled(engine):
+            yield
+    finally:
+        engine.train(was_training)
+
+
 def cached_reference(cfg: DirectConfig, tokenizer, splits: Dict[str, Any], collate: Callable,
-                     parts: Sequence[str], token_columns: Sequence[str]):
-    """({split: reference log-prob columns}, {split: cache info}); see direct.ref_cache."""
+                     parts: Sequence[str], token_columns: Sequence[str], policy=None):
+    """({split: reference log-prob columns}, {split: cache info}); see direct.ref_cache.
+
+    With LoRA (`uses_adapter_reference`), `policy` (the training engine) scores the rows with its
+    adapter disabled, which is the base model exactly; the cache key says so."""
     ref_id = ref_cache.reference_id(reference_model_cfg(cfg), cfg.seed, cfg.deepspeed.precision)
+    build, scope = reference_builder(cfg, tokenizer), None
+    if uses_adapter_reference(cfg):
+        if policy is None:
+            raise ValueError("cached_reference: with model.lora the policy engine must be passed")
+        ref_id, build, scope = f"{ref_id}|lora-adapter-off", (lambda: policy), _adapter_off
     return ref_cache.load_or_compute(
         {k: v for k, v in splits.items() if v is not None}, ref_id=ref_id,
-        build_model=reference_builder(cfg, tokenizer), collate=collate, parts=parts,
+        build_model=build, collate=collate, parts=parts, scope=scope,
         token_columns=token_columns, micro_batch_size=cfg.deepspeed.micro_batch_size,
         cache_dir=cfg.reference_cache, padding_free=cfg.model.padding_free)
 
@@ -68,6 +95,9 @@ def with_index(ds):
 
 
 def check_model_exists(cfg: DirectConfig) -> None:
+    if cfg.model.lora.enabled and cfg.reference and cfg.reference != cfg.model.name_or_path:
+        raise ConfigError("reference: with model.lora the reference is the base model "
+                          f"({cfg.model.name_or_path}) with the adapter off; unset reference or model.lora.r")
     for key, path in (("model.name_or_path", cfg.model.name_or_path), ("reference", cfg.reference)):
         if path and path.startswith(("runs/", ".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{key}: {path} does not exist; train the SFT stage first "

@@ -220,6 +220,8 @@ def init_train_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimC
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # ZeRO-1/2 break on an empty group (LoRA: every trainable matrix is 2-D, no_decay is empty).
+    groups = [g for g in groups if g["params"]]
     fused = optim.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                 for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
@@ -310,17 +312,44 @@ def full_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank() == 0 else None
 
 
-def export_hf(engine, tokenizer, out_dir: str, extra_config: Optional[Dict[str, Any]] = None) -> Optional[str]:
-    """Exports the engine's model in Hugging Face format (safetensors); all ranks must call."""
+def export_hf(engine, tokenizer, out_dir: str, extra_config: Optional[Dict[str, Any]] = None,
+              merge: bool = True) -> Optional[str]:
+    """Exports the engine's model in Hugging Face format (safetensors); all ranks must call.
+    A LoRA model is written with its adapter merged into the weights, or with `merge=False`
+    as the adapter alone (peft's format, loadable with peft on the base model)."""
+    from align.models import lora
     from align.models.builders import save_pretrained
 
     state = full_state_dict(engine)
     path = None
     if rank() == 0:
-        path = save_pretrained(engine.module, tokenizer, out_dir, extra_config, state_dict=state)
+        if lora.is_lora(engine) and not merge:
+            path = save_adapter_hf(engine, tokenizer, out_dir, state)
+        else:
+            if lora.is_lora(engine):
+                state = lora.merged_state_dict(engine, state)
+            path = save_pretrained(engine.module, tokenizer, out_dir, extra_config, state_dict=state)
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def save_adapter_hf(engine, tokenizer, out_dir: str, state: Dict[str, torch.Tensor]) -> str:
+    """The adapter alone (and a fully trained head) plus the tokenizer, written atomically."""
+    import tempfile
+
+    from align.models.lora import save_adapter
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
+    save_adapter(engine, state, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +421,10 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, An
         shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=state, save_latest=False)
+    # LoRA: the frozen base is not saved (it is rebuilt from model.name_or_path), so a
+    # checkpoint holds the adapter, the trained head and their optimizer state only.
+    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=state, save_latest=False,
+                           exclude_frozen_parameters=_has_frozen(engine))
     fault_point("checkpoint", step)  # tests: the write fails halfway (model written, not renamed)
     os.makedirs(os.path.join(ckpt_dir, tmp_tag), exist_ok=True)
     torch.save(rng, _rng_file(ckpt_dir, tmp_tag))
@@ -413,6 +445,10 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: Dict[str, An
     return tag
 
 
+def _has_frozen(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def _prune(ckpt_dir: str, keep: int) -> None:
     for d in os.listdir(ckpt_dir):
         if d.startswith("step") and d.endswith(".tmp"):  # left by a crash during an earlier save
@@ -427,7 +463,8 @@ def load_checkpoint(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
     tag = latest_checkpoint(ckpt_dir)
     if tag is None:
         return None
-    _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    # Strict unless the base was left out at save time (LoRA: frozen params are not saved).
+    _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=not _has_frozen(engine))
     if client_state is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: checkpoint could not be loaded")
     rng_file = _rng_file(ckpt_dir, tag)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from align.config import ModelConfig
+from align.models.lora import apply_lora
 from align.models.sources import BUILTIN_GGUF, resolve_model_and_tokenizer, resolve_source
 from align.models.tokenizer import VOCAB_SIZE, build_builtin_tokenizer, load_tokenizer
 
@@ -96,7 +97,7 @@ def build_causal_lm(cfg: ModelConfig, tokenizer=None, seed: int = 0):
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_source(cfg.name_or_path, cfg.gguf_file),
                                                      **_load_kwargs(cfg))
-    return _finish(model, cfg, tokenizer)
+    return apply_lora(_finish(model, cfg, tokenizer), cfg.lora, seed=seed)
 
 
 def build_scalar_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
@@ -117,7 +118,8 @@ def build_scalar_model(cfg: ModelConfig, tokenizer=None, seed: int = 0):
             model = AutoModelForSequenceClassification.from_pretrained(
                 resolve_source(cfg.name_or_path, cfg.gguf_file), num_labels=1, **_load_kwargs(cfg)
             )
-    return _finish(model, cfg, tokenizer)
+    # LoRA on the backbone; the new score head trains in full.
+    return apply_lora(_finish(model, cfg, tokenizer), cfg.lora, scalar=True, seed=seed)
 
 
 def scalar_head(model) -> torch.nn.Module:

@@ -96,6 +96,10 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // max(int(vocab), 1))
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    # A frozen head sharded by ZeRO-3 (LoRA) is gathered again for the backward by its module
+    # hooks only, which the checkpoint's recompute does not run: keep its logits instead.
+    if any(hasattr(p, "ds_id") and not p.requires_grad for p in head.parameters()):
+        recompute = False
     parts, ents = [], []
     for start in range(0, n, chunk):
         args = (head, hidden[start:start + chunk], targets[start:start + chunk], temperature, softcap, entropy)
