@@ -25,11 +25,9 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from align.cache import cache_dir
+from align.cache import build_once
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary and the attributes of each kind: key -> (JSON type, sentence, value pattern)
@@ -302,16 +300,11 @@ def builtin_path(split: str, seed: int = 0) -> str:
     so Ray actors asking at once agree), as align.task.synthetic does."""
     if split not in SPLITS:
         raise ValueError(f"builtin:json_records/{split}: unknown split; choose from {list(SPLITS)}")
-    final = os.path.join(cache_dir(), "task", f"json_records-{_VERSION}-seed{seed}")
-    if not os.path.exists(os.path.join(final, "COMPLETE")):
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-")
+
+    def write(folder: str) -> None:
         for name, rows in generate_task(seed).items():
-            with open(os.path.join(tmp, f"{name}.jsonl"), "w") as fh:
+            with open(os.path.join(folder, f"{name}.jsonl"), "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    final = build_once(os.path.join("task", f"json_records-{_VERSION}-seed{seed}"), write)
     return os.path.join(final, f"{split}.jsonl")

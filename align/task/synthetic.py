@@ -26,12 +26,10 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from align.cache import cache_dir
+from align.cache import build_once
 
 ASPECTS = [
     "the movie", "the plot", "the acting", "the music", "the ending", "the script",
@@ -254,16 +252,7 @@ def builtin_path(name: str, seed: int = 0) -> str:
     """
     if name not in SPLITS:
         raise ValueError(f"builtin:{name}: unknown split of the default task; choose from {list(SPLITS)}")
-    final = os.path.join(cache_dir(), "task", f"synthetic-{_VERSION}-seed{seed}")
-    if not os.path.exists(os.path.join(final, "COMPLETE")):
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-")
-        write_task(tmp, seed)
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+    final = build_once(os.path.join("task", f"synthetic-{_VERSION}-seed{seed}"), lambda tmp: write_task(tmp, seed))
     return os.path.join(final, f"{name}.jsonl")
 
 
