@@ -336,20 +336,10 @@ def export_hf(engine, tokenizer, out_dir: str, extra_config: Optional[Dict[str, 
 
 def save_adapter_hf(engine, tokenizer, out_dir: str, state: Dict[str, torch.Tensor]) -> str:
     """The adapter alone (and a fully trained head) plus the tokenizer, written atomically."""
-    import tempfile
-
+    from align.models.builders import export_atomically
     from align.models.lora import save_adapter
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-    save_adapter(engine, state, tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    return out_dir
+    return export_atomically(out_dir, lambda tmp: save_adapter(engine, state, tmp), tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------

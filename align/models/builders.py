@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -203,12 +203,19 @@ def save_pretrained(model, tokenizer, out_dir: str, extra_config: Optional[Dict[
     `extra_config` entries are stored in the model's config.json (e.g. reward normalisation).
     `state_dict` overrides the model's own tensors (e.g. weights gathered from ZeRO-3 shards).
     """
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
     for key, value in (extra_config or {}).items():
         setattr(model.config, key, value)
+    return export_atomically(out_dir, lambda tmp: model.save_pretrained(tmp, state_dict=state_dict,
+                                                                        safe_serialization=True), tokenizer)
+
+
+def export_atomically(out_dir: str, write: Callable[[str], Any], tokenizer=None) -> str:
+    """`write(tmp)` then the tokenizer into a temporary folder beside `out_dir`, renamed into
+    place: a reader never sees a half-written export."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    write(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if os.path.exists(out_dir):
