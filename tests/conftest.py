@@ -6,8 +6,12 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_environment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("env")
+def _isolated_environment(tmp_path_factory, worker_id):
+    # Under pytest-xdist the workers share one cache (built-in data, the materialised real
+    # model): its writers are atomic, and the real model is dequantised once, not per worker.
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / "shared-env" if worker_id != "master" else base / "env"
+    root.mkdir(exist_ok=True)
     env = {
         "ALIGN_CACHE": str(root / "align-cache"),
         "HF_HOME": str(root / "hf"),
