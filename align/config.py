@@ -142,7 +142,9 @@ class DataConfig:
     use_chat_template: bool = True
     # Ranking rows with tied scores (real UltraFeedback has many): error (stop at the first),
     # drop (drop rows whose BEST score is tied; other tied pairs are skipped), strict_pairs (keep
-    # every pair whose scores differ). Dropped rows are counted in the data report.
+    # every pair whose scores differ). A ranking kept whole (listwise DPO, reward model
+    # data_kind=ranking) drops any ranking with a tie under both. Dropped rows and skipped pairs
+    # are counted in the data report, logged, and saved in run_info.json.
     ties: str = "error"
     # Pairs taken from a ranking of K responses: all (every pair with different scores, each
     # weighted so a prompt counts once), best_worst (one pair), best_vs_random (the best against
