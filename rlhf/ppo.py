@@ -29,9 +29,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from align.config import ConfigError, DataConfig, SourceConfig, StageConfig, check_choice, check_positive
+from align.data.collate import collate_rows
 from align.data.sources import data_fingerprint
 from align.generation import SamplingConfig
-from align.data.collate import collate_rows
 from align.metrics import train_tokens
 from align.stage import OnDriver, Throughput, run_stage, stage_main
 from reward_model.rewards import REWARD_MODEL, RewardConfig, RewardTerm
