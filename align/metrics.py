@@ -1,12 +1,29 @@
 """The one metric reducer of the training stages: global weighted means over the whole global
 batch (all micro-batches of all ranks) with one all-reduce, so a logged metric never depends on
-how the batch was split. Imports only torch."""
+how the batch was split; and the one token count (`train_tokens`). Imports only torch."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Mapping
 
 import torch
+
+# The attention masks of the sequences a training micro-batch forwards: its rows, and KTO's
+# mismatched (KL) rows.
+_SEQUENCE_MASKS = ("attention_mask", "kl_attention_mask")
+
+
+def train_tokens(batch: Mapping[str, torch.Tensor]) -> float:
+    """`tokens`, the one token count of every stage (SFT, reward model, DPO family, KTO, PPO/GRPO),
+    of their `tokens_per_s` and of the cost ledger's `train_tokens`: the non-padding tokens,
+    prompt and response, of every sequence a training step forwards through the trained model,
+    i.e. the sum of a collated micro-batch's attention masks (this rank's; stages all-reduce it).
+
+    A pair's shared prompt counts once per sequence (twice: prompt+chosen, prompt+rejected), also
+    when the padding-free forward computes it once: the count does not depend on execution
+    options, so tokens/s shows their speed-up (README, "Tokens and tokens/s").
+    """
+    return float(sum(float(batch[k].sum()) for k in _SEQUENCE_MASKS if k in batch))
 
 
 class Means:

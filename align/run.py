@@ -2,7 +2,8 @@
 
 Each stage writes, under its `run_dir`:
     config.yaml     the fully resolved config
-    run_info.json   stage, seed, data fingerprint, package versions, git commit, config hash
+    run_info.json   stage, seed, data fingerprint, package versions, git commit, config hash, and
+                    once the data is loaded its report (dropped rows, truncations, tied pairs)
     metrics.jsonl   one JSON object per logged step
     checkpoints/    DeepSpeed checkpoints (resumable)
     model/          the exported model in Hugging Face format (safetensors)
@@ -133,6 +134,12 @@ def prepare(cfg: Any, stage: str, data_fingerprint: str, inputs: Optional[Dict[s
     }
     write_json(run.info, info)
     return run
+
+
+def record_info(run: RunDir, **fields: Any) -> None:
+    """Adds what a stage knows only once its data is loaded (the data report: rows dropped,
+    truncated, tied pairs skipped) to run_info.json."""
+    write_json(run.info, dict(read_json(run.info) or {}, **fields))
 
 
 def finish(run: RunDir, summary: Dict[str, Any]) -> None:

@@ -97,8 +97,8 @@ def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,
 class Throughput:
     """Tokens per second between calls."""
 
-    def __init__(self):
-        self.last = time.perf_counter()
+    def __init__(self, start: Optional[float] = None):
+        self.last = time.perf_counter() if start is None else start
 
     def tick(self, tokens: float) -> float:
         now = time.perf_counter()
@@ -244,6 +244,7 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
     try:
         driven = worker.make(cfg) if isinstance(worker, OnDriver) else GroupStage(stage, cfg, worker)
         plan = driven.plan()
+        runs.record_info(run_dir, data_report=driven.summary().get("data_report", {}))
         total, start = plan["total_steps"], plan["start_step"]
         if start:
             log.info("%s: resuming at step %d of %d", stage, start, total)

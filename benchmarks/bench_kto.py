@@ -73,7 +73,7 @@ STAGE = H.Stage(
     name="kto", title="KTO: ours (direct.kto) vs TRL KTOTrainer", split="binary", kind="binary",
     children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl},
     labels={**H.OUR_LABELS, "trl": "TRL, precomputed ref"},
-    no_grad_forwards={"ours": 1, "trl": 1}, ours_counts_all_tokens=False, loss_steps=1,  # ours logs matched + KL tokens
+    no_grad_forwards={"ours": 1, "trl": 1}, ours_counts_all_tokens=False, loss_steps=1,  # ours also counts the KL rows it forwards
     env=H.OUR_ENV,
     settings=f"KTO, beta {BETA}; tokens = matched rows; losses comparable at step 1 only (see the docstring).")
 

@@ -61,7 +61,6 @@ STAGE = H.Stage(
     name="sft", title="SFT: ours (rlhf.sft) vs TRL SFTTrainer", split="sft", kind="sft",
     children={**dict.fromkeys(H.OUR_LABELS, child_ours), "trl": child_trl},
     labels={**H.OUR_LABELS, "trl": "TRL"},
-    ours_counts_all_tokens=False,  # our SFT metrics count response tokens; the shared count is all non-pad
     env=H.OUR_ENV,
     settings="SFT on prompt-completion rows, loss on response tokens, no packing.")
 

@@ -2,19 +2,24 @@
 
 4 pairs of 512 tokens (a 128-token prompt, 384-token chosen and rejected responses: 8 rows of
 512 tokens), the sigmoid DPO loss of the summed response log-probs (reference log-probs fixed at
-0, which changes no memory), in train mode. Four variants, each in its own process:
+0, which changes no memory), in train mode. Variants, each in its own process:
 
 - head: `full` (the log-prob function before issue 14: logits at every position, (8, 512, 49,152)
   fp32 = 768 MiB, then its logsumexp and gradient) or `chunked` (the LM head at response
   positions only, in chunks recomputed in backward; align.models.logprobs today);
-- gradient checkpointing off or on (model.gradient_checkpointing).
+- gradient checkpointing off or on (model.gradient_checkpointing);
+- `heap`: `model.return_freed_memory=false`, glibc's default dynamic mmap threshold, which keeps
+  freed blocks below 32 MiB in the heap (what every run did before this option).
 
 Peak = the highest RSS sampled every 2 ms during the step, minus the RSS with the model loaded
-(weights 513 MiB fp32). The delta includes the parameters' gradients (513 MiB): the
-"activations" column subtracts them. Usage:
+and its weights read once (513 MiB fp32; `from_pretrained` maps the safetensors file lazily, so
+without that read the first forward's page-ins would count as step memory). The delta includes
+the parameters' gradients (513 MiB); the "rest" column subtracts them. CPU s = user + system
+time of the process during the step (less sensitive than wall time to other jobs; system time is
+mostly page faults). Usage:
 
-    python benchmarks/real_model_memory.py            # all four, a table on stdout
-    python benchmarks/real_model_memory.py --one full:0   # one variant (what the table runs)
+    python benchmarks/real_model_memory.py            # every variant, a table on stdout
+    python benchmarks/real_model_memory.py --one chunked:1   # one variant (what the table runs)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -36,7 +42,12 @@ def rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(head: str, checkpointing: bool) -> dict:
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def one(head: str, checkpointing: bool, heap: bool = False) -> dict:
     import torch
 
     from align.config import ModelConfig
@@ -45,8 +56,11 @@ def one(head: str, checkpointing: bool) -> dict:
 
     torch.manual_seed(0)
     cfg = ModelConfig(name_or_path="builtin:smollm2-135m-instruct", gradient_checkpointing=checkpointing,
-                      padding_free=False)
+                      padding_free=False, return_freed_memory=not heap)
     model = build_causal_lm(cfg, build_tokenizer(cfg)).train()
+    with torch.no_grad():  # page the lazily mapped weights in, as any run's first forward does
+        for p in model.parameters():
+            p.sum()
     T = PROMPT + RESPONSE
     prompt = torch.randint(10, 49000, (PAIRS, PROMPT))
     ids = torch.cat([torch.cat([prompt, torch.randint(10, 49000, (PAIRS, RESPONSE))], 1) for _ in range(2)])
@@ -63,28 +77,30 @@ def one(head: str, checkpointing: bool) -> dict:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     lp = sequence_logprobs(model, ids, attn, loss_mask, keep_logits=(head == "full"))
     chosen, rejected = lp.sum[:PAIRS], lp.sum[PAIRS:]
     loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()
     loss.backward()
-    seconds = time.perf_counter() - start
+    seconds, (user, system) = time.perf_counter() - start, (b - a for a, b in zip(cpu, cpu_seconds()))
     stop.set()
     thread.join()
-    return {"head": head, "checkpointing": checkpointing, "peak_mib": (peak[0] - base) / MIB,
-            "grads_mib": grads / MIB, "seconds": seconds, "loss": loss.item(), "rows": ids.shape[0], "T": T}
+    return {"head": head, "checkpointing": checkpointing, "heap": heap, "peak_mib": (peak[0] - base) / MIB,
+            "grads_mib": grads / MIB, "seconds": seconds, "user_s": user, "sys_s": system, "loss": loss.item(), "rows": ids.shape[0],
+            "T": T}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--one", default=None, help="head:checkpointing, e.g. chunked:1")
+    parser.add_argument("--one", default=None, help="head:checkpointing[:heap], e.g. chunked:1")
+    parser.add_argument("--variants", default="chunked:1,chunked:1:heap,full:1,chunked:0,full:0")
     args = parser.parse_args(argv)
     if args.one:
-        head, gc = args.one.split(":")
-        print("RESULT " + json.dumps(one(head, gc == "1")), flush=True)
+        head, gc, *heap = args.one.split(":")
+        print("RESULT " + json.dumps(one(head, gc == "1", heap == ["heap"])), flush=True)
         return 0
     rows = []
-    for variant in ("full:0", "chunked:0", "full:1", "chunked:1"):
+    for variant in args.variants.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", variant], capture_output=True, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -93,12 +109,13 @@ def main(argv=None) -> int:
             return 1
         rows.append(json.loads(line[-1][7:]))
         print(rows[-1], file=sys.stderr, flush=True)
-    print("| LM head | checkpointing | peak above loaded model (MiB) | of which gradients | activations etc. (MiB) "
-          "| step s | loss |")
-    print("|---|---|---|---|---|---|---|")
+    print("| LM head | checkpointing | freed memory | peak above loaded model (MiB) | of which gradients | rest (MiB) "
+          "| step s | CPU s (user + system) | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['head']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mib']:.0f} | {r['grads_mib']:.0f} "
-              f"| {r['peak_mib'] - r['grads_mib']:.0f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
+        print(f"| {r['head']} | {'on' if r['checkpointing'] else 'off'} | {'kept in heap' if r['heap'] else 'returned'} "
+              f"| {r['peak_mib']:.0f} | {r['grads_mib']:.0f} | {r['peak_mib'] - r['grads_mib']:.0f} "
+              f"| {r['seconds']:.1f} | {r['user_s']:.1f} + {r['sys_s']:.1f} | {r['loss']:.6f} |")
     return 0
 
 

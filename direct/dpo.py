@@ -36,7 +36,7 @@ from align.data.collate import collate_indexed_pairs, collate_listwise
 from align.engine import deepspeed_engine as de
 from align.evaluation import held_out_report
 from align.generation import SamplingConfig, groups, sample_per_prompt
-from align.metrics import Means
+from align.metrics import Means, train_tokens
 from align.models.builders import build_causal_lm, build_tokenizer
 from align.models.logprobs import pair_logprobs
 from align.stage import StageWorker, Throughput, eval_batches, load_prompts, load_tokenized, planned_steps, run_recipe, \
@@ -253,7 +253,7 @@ class DPOWorker(StageWorker):
         # The loss is sum(w * l) / sum(w) over the global batch: each micro-batch backpropagates
         # its share (de.loss_scale).
         local = torch.tensor([sum(float(b["weight"].sum()) for b in batches),
-                              sum(float(b["attention_mask"].sum()) for b in batches)], device=de.device())
+                              sum(train_tokens(b) for b in batches)], device=de.device())
         total_weight, tokens = de.all_reduce_sum(local).tolist()
         scale = de.loss_scale(total_weight, len(batches))
         means = Means()

@@ -33,7 +33,7 @@ from align.data.batching import BatchIterator
 from align.data.collate import collate_kto, collate_kto_reference
 from align.engine import deepspeed_engine as de
 from align.evaluation import held_out_report
-from align.metrics import Means
+from align.metrics import Means, train_tokens
 from align.models.builders import build_causal_lm, build_tokenizer
 from align.models.logprobs import sequence_logprobs
 from align.stage import StageWorker, Throughput, eval_batches, load_prompts, load_tokenized, planned_steps, run_recipe, \
@@ -196,7 +196,7 @@ class KTOWorker(StageWorker):
         batches = [de.to_device(next(self.data_iter)) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
         z0 = self._z0(batches, self.ref["train"])
         local = torch.tensor([float(sum(len(b["index"]) for b in batches)),
-                              float(sum(b["attention_mask"].sum() + b["kl_attention_mask"].sum() for b in batches))],
+                              sum(train_tokens(b) for b in batches)],
                              device=de.device())
         rows, tokens = de.all_reduce_sum(local).tolist()
         scale = de.loss_scale(rows, len(batches))  # mean over the global batch

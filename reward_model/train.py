@@ -27,7 +27,7 @@ from align.config import DataConfig, SourceConfig, StageConfig, check_choice
 from align.data.batching import BatchIterator
 from align.data.collate import collate_rankings, collate_scored_pairs
 from align.engine import deepspeed_engine as de
-from align.metrics import Means
+from align.metrics import Means, train_tokens
 from align.models.builders import build_scalar_model, build_tokenizer, count_parameters, pair_scores, sequence_scores
 from align.stage import (StageWorker, Throughput, eval_batches, load_tokenized, model_inputs, planned_steps,
                          run_recipe, stage_main)
@@ -137,7 +137,7 @@ class RMWorker(StageWorker):
             engine.backward(losses.sum() * scale)
             de.optimizer_step(engine)
             _add(means, losses, weights, rc, rr, pair_valid, scores, torch.ones_like(scores))
-            means.add_total("tokens", b["attention_mask"].sum())
+            means.add_total("tokens", train_tokens(b))
         self.step += 1
         reduced = means.reduce(de.all_reduce_sum)
         metrics = _metrics(reduced)

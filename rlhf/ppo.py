@@ -29,9 +29,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from align.config import ConfigError, DataConfig, SourceConfig, StageConfig, check_choice, check_positive
+from align.data.collate import collate_rows
 from align.data.sources import data_fingerprint
 from align.generation import SamplingConfig
-from align.stage import OnDriver, run_stage, stage_main
+from align.metrics import train_tokens
+from align.stage import OnDriver, Throughput, run_stage, stage_main
 from reward_model.rewards import REWARD_MODEL, RewardConfig, RewardTerm
 from rlhf.advantages import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter
 from rlhf.policy_loss import AGGREGATIONS, KL_MODES
@@ -227,6 +229,7 @@ class PPO:
 
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
+        self.throughput: Optional[Throughput] = None
         self.kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                        else FixedKLController(cfg.kl.coef))
 
@@ -341,12 +344,13 @@ class PPO:
         t3 = time.perf_counter()
         self.kl_ctl.update(exp["metrics"]["objective/kl"], self.cfg.rollout_batch_size)
         generated = float(exp["trajectory"].mask.sum())
-        seq_tokens = generated + sum(len(p) for p in rollout["prompt"])
+        # The policy's update forwards every prompt+response row once per epoch (align.metrics).
+        tokens = train_tokens(collate_rows(exp["rows"], 0)[0]) * self.cfg.ppo_epochs
+        self.throughput = self.throughput or Throughput(t0)
         metrics.update({"time/generate": t1 - t0, "time/inference": t2 - t1, "time/train": t3 - t2,
                         "time/step": t3 - t0, "tokens/s_generate": generated / (t1 - t0),
-                        "tokens/s_train": seq_tokens * self.cfg.ppo_epochs / (t3 - t2),
-                        # tokens through the policy's training forward/backward this step
-                        "tokens": float(seq_tokens * self.cfg.ppo_epochs)})
+                        "tokens/s_train": tokens / (t3 - t2), "tokens": tokens,
+                        "tokens_per_s": self.throughput.tick(tokens)})
         return metrics
 
 

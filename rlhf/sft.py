@@ -19,6 +19,7 @@ import torch
 from align.config import DataConfig, SourceConfig, StageConfig
 from align.data.batching import BatchIterator
 from align.data.collate import collate_sft
+from align.metrics import train_tokens
 from align.data.tokenize import pack_sft
 from align.engine import deepspeed_engine as de
 from align.evaluation import sample_and_score, sample_summary
@@ -71,8 +72,9 @@ class SFTWorker(StageWorker):
         self.throughput = self.throughput or Throughput()
         batches = [de.to_device(next(self.data_iter)) for _ in range(self.cfg.deepspeed.grad_accum_steps)]
         # The global response-token count makes every micro-batch's loss a share of one mean.
-        local_tokens = sum(float(b["loss_mask"][:, 1:].sum()) for b in batches)
-        global_tokens = de.all_reduce_sum(torch.tensor(local_tokens, device=de.device())).item()
+        local = torch.tensor([sum(float(b["loss_mask"][:, 1:].sum()) for b in batches),
+                              sum(train_tokens(b) for b in batches)], device=de.device())
+        global_tokens, tokens = de.all_reduce_sum(local).tolist()
         scale = de.loss_scale(global_tokens, len(batches), floor=1.0)
         total_nll = 0.0
         for b in batches:
@@ -85,7 +87,7 @@ class SFTWorker(StageWorker):
         self.step += 1
         loss = de.all_reduce_sum(torch.tensor(total_nll, device=de.device())).item() / max(global_tokens, 1.0)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), **de.step_metrics(engine),
-                "tokens": global_tokens, "tokens_per_s": self.throughput.tick(global_tokens)}
+                "tokens": tokens, "tokens_per_s": self.throughput.tick(tokens)}
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> Dict[str, float]:

@@ -65,7 +65,8 @@ class RowProblem(Exception):
 
 
 class DataReport(collections.Counter):
-    """Counts of dropped rows by reason ("dropped/<reason>") and truncations ("truncated/...").
+    """Counts of dropped rows by reason ("dropped/<reason>"), truncations ("truncated/...") and
+    pairs of a ranking left out for tied scores ("skipped/tied_pairs").
 
     Pass one to `load_rows` / `tokenize_rows` to collect counts; keys read as metric names.
     """

@@ -268,6 +268,8 @@ def _ranking(row: dict) -> dict:
         if len(set(scores)) < len(scores) and ties == "error":
             raise RowProblem("scores", f"tied scores {scores}; a ranking needs a strict order "
                              "(or set data.ties=drop or strict_pairs)", "bad_ranking")
+        if ties == "ranking" and len(set(scores)) < len(scores):
+            raise RowProblem("scores", f"tied scores {scores}; a ranking loss needs a strict order", "tied_ranking")
         if ties == "drop" and ordered[0][0] == ordered[1][0]:
             raise RowProblem("scores", f"the best score {ordered[0][0]} is tied", "tied_best")
         if ordered[0][0] == ordered[-1][0]:
@@ -325,7 +327,7 @@ _NORMALIZERS: Dict[str, Callable[[dict], dict]] = {
 _EMPTY = {"messages": [], "prompt_text": "", "extras": "", "completion": "", "responses": [], "margin": 0.0, "label": False,
           "scores": []}
 # Rows dropped for these reasons are dropped whatever data.on_error says (they are choices, not errors).
-CHOSEN_DROPS = ("tied_best",)
+CHOSEN_DROPS = ("tied_best", "tied_ranking")
 
 
 def normalize_batch(batch: Dict[str, list], kind: str, drop: bool, paths: Optional[Dict[str, str]] = None,
@@ -340,8 +342,11 @@ def normalize_batch(batch: Dict[str, list], kind: str, drop: bool, paths: Option
     names = [c for c in NORMALIZED[nkind] if c not in _WHERE]
     out: Dict[str, list] = {c: [] for c in [*names, "source", "row", "_drop"]}
     keys = list(batch)
+    # A ranking kept whole (listwise DPO, a ranking reward model) has no pair to leave out: with
+    # data.ties=drop|strict_pairs, a ranking with any tie is dropped.
+    row_ties = "ranking" if kind == "ranking" and ties != "error" else ties
     for values in zip(*batch.values()):
-        row = dict(zip(keys, values), _ties=ties)
+        row = dict(zip(keys, values), _ties=row_ties)
         try:
             for field, path in (paths or {}).items():
                 row[field] = read_path(row, path)

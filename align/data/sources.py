@@ -285,9 +285,26 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown data kind {kind!r}; choose from {list(KINDS)}")
 
 
-def _finish(ds: datasets.Dataset, kind: str, data_cfg: Optional[DataConfig] = None, seed: int = 0) -> datasets.Dataset:
+def count_tied_pairs(ds: datasets.Dataset, mode: str, report: Optional[DataReport]) -> int:
+    """Counts, logs and reports ("skipped/tied_pairs") the pairs of scored rankings that
+    data.ties=drop|strict_pairs leaves out because their two scores are equal. Only `all` pairs
+    can be tied (best_worst and best_vs_random pick a strictly worse response by construction)."""
+    if mode != "all" or "scores" not in ds.column_names:
+        return 0
+    tied = sum(a == b for scores in ds["scores"][:] for i, a in enumerate(scores) for b in scores[i + 1:])
+    if tied:
+        logger.warning("skipped %d pairs with tied scores (data.ties)", tied)
+        if report is not None:
+            report.add("skipped/tied_pairs", tied)
+    return tied
+
+
+def _finish(ds: datasets.Dataset, kind: str, data_cfg: Optional[DataConfig] = None, seed: int = 0,
+            report: Optional[DataReport] = None) -> datasets.Dataset:
     if kind == "pairwise":
-        return expand_pairs(ds, data_cfg.ranking_pairs if data_cfg else "all", seed)
+        mode = data_cfg.ranking_pairs if data_cfg else "all"
+        count_tied_pairs(ds, mode, report)
+        return expand_pairs(ds, mode, seed)
     if kind == "ranking":
         return ds.add_column("group", list(range(len(ds))))
     return ds
@@ -311,7 +328,7 @@ def load_rows(
         raise ConfigError(f"no data sources given for {kind} data")
     parts = [load_source(s, kind, data_cfg, seed, report) for s in sources]
     ds = mix(parts, [s.weight for s in sources], seed) if weighted else datasets.concatenate_datasets(parts)
-    return _finish(ds, kind, data_cfg, seed)
+    return _finish(ds, kind, data_cfg, seed, report)
 
 
 def load_splits(
@@ -332,7 +349,7 @@ def load_splits(
               for s in data_cfg.train]
     train = mix([t for t, _ in splits], [s.weight for s in data_cfg.train], seed)
     evals = datasets.concatenate_datasets([e for _, e in splits])
-    return _finish(train, kind, data_cfg, seed), _finish(evals, kind, data_cfg, seed)
+    return _finish(train, kind, data_cfg, seed, report), _finish(evals, kind, data_cfg, seed, report)
 
 
 def _hash_file(h, path: str) -> None:

@@ -50,10 +50,24 @@ def test_ties_strict_pairs_and_drop(tmp_path):
     strict, report, _ = rows_of(tmp_path, rows, UF_COLUMNS, ties="strict_pairs")
     assert pairs(strict) == [("Q1", "a", "c", 0.5), ("Q1", "b", "c", 0.5), ("Q2", "d", "e", 0.5),
                              ("Q2", "d", "f", 0.5)]
-    assert dict(report) == {"dropped/tied_best": 1}
+    assert dict(report) == {"dropped/tied_best": 1, "skipped/tied_pairs": 2}  # Q3; (a, b) and (e, f)
     dropped, report, _ = rows_of(tmp_path, rows, UF_COLUMNS, ties="drop")
     assert pairs(dropped) == [("Q2", "d", "e", 0.5), ("Q2", "d", "f", 0.5)]
-    assert dict(report) == {"dropped/tied_best": 2}
+    assert dict(report) == {"dropped/tied_best": 2, "skipped/tied_pairs": 1}  # Q1 and Q3; (e, f)
+
+
+def test_ties_in_rankings_kept_whole(tmp_path):
+    # listwise DPO and a ranking reward model order every response: any tie drops the ranking
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "Q1", "responses": ["a", "b", "c"], "scores": [5, 2, 2]},
+            {"prompt": "Q2", "responses": ["d", "e", "f"], "scores": [1, 3, 2]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for ties in ("drop", "strict_pairs"):
+        cfg = DataConfig(train=[SourceConfig(path=str(path))], ties=ties)
+        report = DataReport()
+        ds = load_rows(cfg.train, "ranking", cfg, seed=0, report=report)
+        assert [(r["prompt_text"], r["responses"]) for r in ds] == [("Q2", ["e", "f", "d"])]
+        assert dict(report) == {"dropped/tied_ranking": 1}
 
 
 def test_pairs_from_a_ranking(tmp_path):
