@@ -31,9 +31,11 @@ from rlhf.ppo_workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueW
 # The per-rank class of every group a rollout stage can start (one config section each).
 WORKERS = {"policy": PolicyWorker, "value": ValueWorker, "reference": ReferenceWorker, "reward": RewardWorker}
 GROUP_ORDER = ("policy", "value", "reference", "reward")
-# What each group computes over a rollout's rows (method, keyword arguments), in call order.
+# What each group computes over a rollout's rows (method, keyword arguments), in call order;
+# without a reference group (LoRA) the policy group serves "reference" (REFERENCE_ON_POLICY).
 INFERENCE = (("policy", "logprobs", {"entropy": True}), ("reference", "logprobs", {}),
              ("value", "values", {}), ("reward", "scores", {}))
+REFERENCE_ON_POLICY = ("policy", "ref_logprobs")
 # The trained groups, and the per-row fields their train_minibatch reads from the Trajectory.
 TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages"},
                 "value": {"old_values": "values", "returns": "returns"}}
@@ -41,10 +43,11 @@ TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages
 
 def groups_for(cfg) -> Tuple[str, ...]:
     """The groups a run starts: the value model only for an estimator that needs one (gae), the
-    reward model only when a reward.fns term is "reward_model". Everything else iterates over
-    the groups present."""
+    reward model only when a reward.fns term is "reward_model", the reference only without LoRA
+    (with it, the policy ranks serve the reference with their adapter off). Everything else
+    iterates over the groups present."""
     return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
-                 and (g != "reward" or cfg.uses_reward_model))
+                 and (g != "reward" or cfg.uses_reward_model) and (g != "reference" or not cfg.adapter_reference))
 
 
 def train_fields(cfg) -> Dict[str, Dict[str, str]]:
@@ -148,9 +151,17 @@ class RolloutStage:
         """Prompts, responses, EOS flags and texts sampled by every policy rank, in rank order."""
         return self._sample("rollout", step)
 
+    def _route(self, group: str, method: str = "logprobs") -> Tuple[str, str]:
+        """The (group, method) that serves `group.method`: without a reference group (LoRA), the
+        reference's log-probs come from the policy group with its adapter off."""
+        if group == "reference" and "reference" not in self.groups:
+            return REFERENCE_ON_POLICY
+        return group, method
+
     def logprobs(self, rows: Sequence[Dict[str, list]], group: str = "policy") -> List[torch.Tensor]:
         """Response log-probs of {"prompt", "response"} rows under the policy or the reference."""
-        return [o["logprobs"] for o in self.groups[group].gather(self.groups[group].scatter("logprobs", rows))]
+        name, method = self._route(group)
+        return [o["logprobs"] for o in self.groups[name].gather(self.groups[name].scatter(method, rows))]
 
     def score(self, prompt, response) -> List[float]:
         """The "reward_model" term of `reward_fn`: the reward group's scores of the current batch."""
@@ -181,9 +192,12 @@ class RolloutStage:
         group) and the rollout's rewards (B,) (the given `scores` if any: the reward group then
         skips). Tensors (B, T) are right-padded."""
         rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
-        pending = {g: self.groups[g].scatter(method, rows, **kwargs) for g, method, kwargs in INFERENCE
-                   if g in self.groups and not (g == "reward" and scores is not None)}
-        out = {g: self.groups[g].gather(p) for g, p in pending.items()}
+        pending = {}  # every call is submitted before any result is read; one group runs its calls in order
+        for g, method, kwargs in INFERENCE:
+            name, method = self._route(g, method)
+            if name in self.groups and not (g == "reward" and scores is not None):
+                pending[g] = (name, self.groups[name].scatter(method, rows, **kwargs))
+        out = {g: self.groups[name].gather(p) for g, (name, p) in pending.items()}
         rewards = ({"scores": scores, "reward_terms": {}} if scores is not None
                    else self._combine(rollout, out.get("reward", [])))
         return {"rows": rows, "mask": pad_right([torch.ones(len(r)) for r in rollout["response"]]),
@@ -232,8 +246,8 @@ class RolloutStage:
         out = self._sample("eval_rollout", cfg.eval_prompts)
         rows = [{"prompt": p, "response": r} for p, r in zip(out["prompt"], out["response"])]
         # k1 per sequence, sum over tokens of log pi - log pi_ref: unbiased for KL(pi || pi_ref).
-        pending = [(g, self.groups[g].scatter("logprobs", rows, temperature=cfg.eval_sampling.temperature))
-                   for g in ("policy", "reference")]  # both groups at once
+        pending = [(name, self.groups[name].scatter(method, rows, temperature=cfg.eval_sampling.temperature))
+                   for name, method in map(self._route, ("policy", "reference"))]  # both groups at once
         pol, ref = ([o["logprobs"] for o in self.groups[g].gather(p)] for g, p in pending)
         kl = [float((a - b).sum()) for a, b in zip(pol, ref)]
         metrics = {"n": len(rows), "length": statistics.mean(len(r) for r in out["response"]),
