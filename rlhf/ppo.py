@@ -8,7 +8,8 @@ grpo, dr_grpo, rloo, reinforce_pp; rlhf/advantages.py): they start no value grou
 that need no reward model (reward.fns: gold, rules, user functions) start no reward group.
 With LoRA (model.lora) the policy ranks compute the reference log-probs themselves, with their
 adapter off (the base model exactly), so no reference group starts; the value model trains
-LoRA plus its full score head.
+LoRA plus its full score head, and when it starts from the reward model (value_model unset) it
+serves the reward with its adapters off too, so PPO holds two model copies instead of four.
 One PPO step (`PPO.step`):
 
     rollout      the policy ranks sample responses to their share of the step's prompts
@@ -222,6 +223,13 @@ class PPOConfig(StageConfig):
     def adapter_reference(self) -> bool:
         """With LoRA the policy ranks serve the reference (their adapter off): no reference group."""
         return self.model.lora.enabled
+
+    @property
+    def reward_on_value(self) -> bool:
+        """With LoRA, a value model started from the reward model is the reward model with its
+        adapters off (and its original score head): the value ranks serve the reward, no reward group."""
+        return (self.model.lora.enabled and self.uses_value_model and self.uses_reward_model
+                and self.value_model in (None, self.reward_model))
 
     @property
     def uses_reward_model(self) -> bool:

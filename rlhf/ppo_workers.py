@@ -3,7 +3,8 @@ group's Ray actors by ActorGroup; the driver side is rlhf/rollout.py).
 
     PolicyWorker     trained causal LM: rollouts, old log-probs and entropy, clipped policy update
     ValueWorker      trained scalar model (initialised from the reward model): values, value update;
-                     with LoRA, adapters plus the full score head
+                     with LoRA, adapters plus the full score head, and when it starts from the
+                     reward model it also serves the reward with its adapters off (no reward group)
     ReferenceWorker  frozen SFT model: reference log-probs (not started with LoRA: the policy
                      serves them with its adapter off, PolicyWorker.ref_logprobs)
     RewardWorker     frozen reward model: normalised scores of whole responses
@@ -280,6 +281,9 @@ class ValueWorker:
         optim = replace(cfg.optim, lr=cfg.value_lr if cfg.value_lr is not None else cfg.optim.lr)
         ds = group_deepspeed(cfg, cfg.value, trained=True, grad_accum_steps=self.gas)
         self.engine = de.init_train_engine(model, ds, optim, _optimizer_steps(cfg))
+        if cfg.reward_on_value:  # the reward model's own normalisation, for reward_scores
+            config = model.model.config
+            self.mean, self.std = reward_normalization(config) if cfg.normalize_reward else (0.0, 1.0)
         self.step = 0
         state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
         if state is not None:
@@ -304,6 +308,15 @@ class ValueWorker:
             values, _ = self._values(part)
             out += [values[i, : len(r["response"])].cpu() for i, r in enumerate(part)]
         return out
+
+    @torch.no_grad()
+    def reward_scores(self, rows: Sequence[Row]) -> List[float]:
+        """With LoRA and the value model started from the reward model: the reward model's
+        normalised scores, from this model with its adapters off and its original score head
+        (the reward model exactly), so no reward group is needed."""
+        assert self.cfg.reward_on_value, "reward_scores: the value model is not the reward model with LoRA"
+        with as_reference(self.engine):
+            return _scores(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, self.mean, self.std)
 
     def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, Dict[str, float]]:
         """As PolicyWorker.train_minibatch, with the clipped value loss."""
@@ -390,13 +403,18 @@ class RewardWorker:
 
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> List[float]:
-        out: List[float] = []
-        for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
-            batch, _ = collate_on_device(part, self.tokenizer.pad_token_id)
-            values = self.engine(batch["input_ids"], batch["attention_mask"])
-            raw = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
-            out += ((raw - self.mean) / self.std).tolist()
-        return out
+        return _scores(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, self.mean, self.std)
 
     def close(self) -> None:
         self.engine = None
+
+
+def _scores(engine, rows: Sequence[Row], pad_id: int, cfg, mean: float, std: float) -> List[float]:
+    """Per-row scalar at the last token of a TokenScalars engine, normalised: (raw - mean) / std."""
+    out: List[float] = []
+    for part in chunks(rows, cfg.deepspeed.micro_batch_size):
+        batch, _ = collate_on_device(part, pad_id)
+        values = engine(batch["input_ids"], batch["attention_mask"])
+        raw = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+        out += ((raw - mean) / std).tolist()
+    return out

@@ -32,10 +32,11 @@ from rlhf.ppo_workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueW
 WORKERS = {"policy": PolicyWorker, "value": ValueWorker, "reference": ReferenceWorker, "reward": RewardWorker}
 GROUP_ORDER = ("policy", "value", "reference", "reward")
 # What each group computes over a rollout's rows (method, keyword arguments), in call order;
-# without a reference group (LoRA) the policy group serves "reference" (REFERENCE_ON_POLICY).
+# without a reference or reward group (LoRA), ON_ADAPTER_OFF says who serves them.
 INFERENCE = (("policy", "logprobs", {"entropy": True}), ("reference", "logprobs", {}),
              ("value", "values", {}), ("reward", "scores", {}))
-REFERENCE_ON_POLICY = ("policy", "ref_logprobs")
+# With LoRA the trained groups serve the frozen ones with their adapters off (rlhf/ppo.py).
+ON_ADAPTER_OFF = {"reference": ("policy", "ref_logprobs"), "reward": ("value", "reward_scores")}
 # The trained groups, and the per-row fields their train_minibatch reads from the Trajectory.
 TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages"},
                 "value": {"old_values": "values", "returns": "returns"}}
@@ -44,10 +45,12 @@ TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages
 def groups_for(cfg) -> Tuple[str, ...]:
     """The groups a run starts: the value model only for an estimator that needs one (gae), the
     reward model only when a reward.fns term is "reward_model", the reference only without LoRA
-    (with it, the policy ranks serve the reference with their adapter off). Everything else
-    iterates over the groups present."""
+    (with it, the policy ranks serve the reference with their adapter off, and a value model
+    started from the reward model serves the reward). Everything else iterates over the groups
+    present."""
     return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
-                 and (g != "reward" or cfg.uses_reward_model) and (g != "reference" or not cfg.adapter_reference))
+                 and (g != "reward" or cfg.uses_reward_model and not cfg.reward_on_value)
+                 and (g != "reference" or not cfg.adapter_reference))
 
 
 def train_fields(cfg) -> Dict[str, Dict[str, str]]:
@@ -152,10 +155,10 @@ class RolloutStage:
         return self._sample("rollout", step)
 
     def _route(self, group: str, method: str = "logprobs") -> Tuple[str, str]:
-        """The (group, method) that serves `group.method`: without a reference group (LoRA), the
-        reference's log-probs come from the policy group with its adapter off."""
-        if group == "reference" and "reference" not in self.groups:
-            return REFERENCE_ON_POLICY
+        """The (group, method) that serves `group.method`: with LoRA, the reference's log-probs
+        come from the policy group and the reward from the value group, adapters off."""
+        if group in ON_ADAPTER_OFF and group not in self.groups and ON_ADAPTER_OFF[group][0] in self.groups:
+            return ON_ADAPTER_OFF[group]
         return group, method
 
     def logprobs(self, rows: Sequence[Dict[str, list]], group: str = "policy") -> List[torch.Tensor]:
@@ -181,9 +184,10 @@ class RolloutStage:
     def score_rollout(self, rollout: Dict[str, list]) -> Dict[str, Any]:
         """The rollout's rewards alone (dynamic sampling needs them before the other forwards)."""
         rm = []
-        if "reward" in self.groups:
+        name, method = self._route("reward", "scores")
+        if self.cfg.uses_reward_model:
             rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
-            rm = self.groups["reward"].gather(self.groups["reward"].scatter("scores", rows))
+            rm = self.groups[name].gather(self.groups[name].scatter(method, rows))
         return self._combine(rollout, rm)
 
     def inference(self, rollout: Dict[str, list], scores=None) -> Dict[str, Any]:

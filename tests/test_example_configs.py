@@ -48,7 +48,7 @@ def test_real_model_examples_use_zero3_and_bf16():
 
 def test_smollm2_lora_pipeline_is_the_smollm2_pipeline_with_lora_in_every_stage():
     """Every stage resolves with model.lora r=16 on every linear layer; apart from LoRA and the
-    learning rates it is configs/pipeline/smollm2.yaml; its PPO starts no reference group."""
+    learning rates it is configs/pipeline/smollm2.yaml; its PPO starts no reference and no reward group."""
     import dataclasses
 
     from launch.pipeline import PipelineConfig, order, stage_config
@@ -70,4 +70,4 @@ def test_smollm2_lora_pipeline_is_the_smollm2_pipeline_with_lora_in_every_stage(
             cfg["model"].pop("lora"), cfg["optim"].pop("lr"), cfg["tracking"].pop("group")
         assert plain == lora, name
     ppo = stage_config(pipes["smollm2_lora"], "ppo", models)
-    assert groups_for(ppo) == ("policy", "value", "reward")
+    assert groups_for(ppo) == ("policy", "value")  # the adapters-off policy and value serve reference and reward

@@ -69,15 +69,18 @@ def is_lora(model) -> bool:
 
 
 def _tuner_layers(model):
+    """The LoRA layers and the fully trained copies of heads (peft's modules_to_save wrappers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
-    return [m for m in _module(model).modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in _module(model).modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
 
 
 @contextmanager
 def adapter_disabled(model) -> Iterator[None]:
-    """Inside the block the LoRA layers compute the base layer only: the model is the base
-    model, bit for bit (what peft's `disable_adapter()` does, on the unwrapped model)."""
+    """Inside the block the LoRA layers compute the base layer only and a trained head is its
+    original: the model is the base model, bit for bit (what peft's `disable_adapter()` does, on
+    the unwrapped model)."""
     layers = _tuner_layers(model)
     was = [not layer.disable_adapters for layer in layers]
     try:

@@ -101,6 +101,27 @@ def test_adapter_off_is_the_base_model_exactly():
     assert torch.equal(again, on)  # switched back on after the block
 
 
+def test_adapter_off_scalar_model_is_the_base_model_with_its_original_head():
+    """PPO's value model serves the reward with its adapters off: the trained head copy must
+    give way to the original head too, and both come back (trainable) after the block."""
+    base = build_scalar_model(ModelConfig(), seed=5).eval()
+    model = build_scalar_model(ModelConfig(lora=LORA), seed=5).eval()
+    ids, mask, _ = _batch(model.config.vocab_size)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        expected = sequence_scores(base, ids, mask)
+        _perturb_adapters(model)
+        head = model.score.modules_to_save["default"].weight
+        head.add_(torch.randn_like(head))
+        on = sequence_scores(model, ids, mask)
+        with lora.adapter_disabled(model):
+            off = sequence_scores(model, ids, mask)
+        again = sequence_scores(model, ids, mask)
+    assert (on - expected).abs().max() > 1e-2
+    assert torch.equal(off, expected) and torch.equal(again, on)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
 def test_merged_and_adapter_exports_give_the_adapter_models_logprobs(tmp_path, builtin_tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,7 +1,8 @@
 """PPO and the critic-free estimators with LoRA (model.lora): the policy ranks serve the reference
 with their adapter off, so no reference group starts; the value model trains its adapters and
-its score head. One PPO (gae) run from the session SFT policy, on the gold reward (no reward
-group), 2 steps with a checkpoint after step 1, then the same run resumed from that checkpoint.
+its score head and, started from the reward model, serves the reward with its adapters off, so
+no reward group starts either. One PPO (gae) run from the session SFT policy, 2 steps with a
+checkpoint after step 1, then the same run resumed from that checkpoint.
 """
 
 import math
@@ -17,13 +18,17 @@ LORA = {"model.lora.r": 8, "model.lora.alpha": 16}
 
 
 @pytest.mark.parametrize("path, overrides, groups", [
-    ("configs/ppo/default.yaml", [], ("policy", "value", "reward")),
+    # gae: the value model starts from the reward model and serves it (adapters off) ...
+    ("configs/ppo/default.yaml", [], ("policy", "value")),
+    # ... but not when it starts from another model.
+    ("configs/ppo/default.yaml", ["value_model=/v"], ("policy", "value", "reward")),
     ("configs/ppo/grpo.yaml", [], ("policy",)),
+    ("configs/ppo/grpo.yaml", ["reward_model=/rm", "reward.fns=[{fn: reward_model}]"], ("policy", "reward")),
     ("configs/ppo/grpo.yaml", ["advantage.estimator=dr_grpo"], ("policy",)),
     ("configs/ppo/rloo.yaml", [], ("policy",)),
     ("configs/ppo/reinforce_pp.yaml", [], ("policy",)),
 ])
-def test_lora_starts_no_reference_group_for_any_estimator(path, overrides, groups):
+def test_lora_starts_no_reference_group_for_any_estimator_and_no_reward_group_beside_its_value_model(path, overrides, groups):
     from rlhf.ppo import PPOConfig
     from rlhf.rollout import groups_for
 
@@ -41,32 +46,43 @@ def test_lora_with_another_reference_model_names_the_key():
 
 
 def _overrides(sft_model_dir):
-    return {"model.name_or_path": sft_model_dir, "value_model": sft_model_dir, "reward.fns": "[{fn: gold}]",
-            **LORA, "train.max_steps": 2, "train.save_every": 1, "rollout_batch_size": 16,
-            "deepspeed.micro_batch_size": 16, "ppo_epochs": 1, "num_minibatches": 1,
-            "sampling.max_new_tokens": 16, "eval_sampling.max_new_tokens": 16, "eval_prompts": 8,
-            "eval_at_start": False, "optim.lr": 1e-2, "value_lr": 1e-2}
+    # The reward model is the SFT model with a seeded one-output head: untrained, but a fixed
+    # function that the test can rebuild (and the value model starts from it).
+    return {"model.name_or_path": sft_model_dir, "reward_model": sft_model_dir, **LORA, "train.max_steps": 2,
+            "train.save_every": 1, "rollout_batch_size": 16, "deepspeed.micro_batch_size": 16, "ppo_epochs": 1,
+            "num_minibatches": 1, "sampling.max_new_tokens": 16, "eval_sampling.max_new_tokens": 16,
+            "eval_prompts": 8, "eval_at_start": False, "optim.lr": 1e-2, "value_lr": 1e-2}
+
+
+PROBE = {"prompt": [[5, 6, 7, 8, 9], [10, 11, 12]], "response": [[20, 21, 22], [30, 31, 32, 33, 34, 35]],
+         "text": ["", ""], "prompt_text": ["", ""]}
 
 
 @pytest.fixture(scope="module")
 def ppo_lora(sft_model_dir, quick, tmp_path_factory):
-    """The 2-step run (it checkpoints step 1), then a second run in the same directory, which
-    resumes from step 1's checkpoint and trains step 2 again."""
-    from align.tracking import read_metrics
+    """Two PPO steps driven by hand (a checkpoint after step 1, then the reward of fixed rows
+    from the value ranks), then `ppo.run` in the same directory, which resumes from step 1's
+    checkpoint and trains step 2 again."""
     from rlhf import ppo
     from rlhf.ppo import PPOConfig
-    from rlhf.rollout import groups_for
 
     run_dir = tmp_path_factory.mktemp("ppo_lora")
     cfg = load_config(PPOConfig, "configs/ppo/default.yaml", quick(run_dir, **_overrides(sft_model_dir)))
-    whole = ppo.run(cfg, reuse=False)
-    metrics = {r["step"]: r for r in read_metrics(str(run_dir)) if "objective/kl" in r}
+    stage = ppo.start(cfg)
+    try:
+        groups = tuple(stage.groups)
+        first = stage.train_step(1)
+        stage.save_checkpoint(1)
+        probe = stage.score_rollout(PROBE)["scores"]  # the value ranks' adapter is trained by now
+        second = stage.train_step(2)
+        final = stage.evaluate(final=True)
+        stage.export(str(run_dir / "whole"))
+    finally:
+        stage.shutdown()
     ckpt = {g: load_checkpoint_files(run_dir / "checkpoints" / g / "step1") for g in ("policy", "value")}
-    first = load_file(os.path.join(whole["model_dir"], "model.safetensors"))
-    # The last step is exported, not checkpointed: the second run resumes from step 1.
-    assert sorted(os.listdir(run_dir / "checkpoints" / "policy")) == ["latest", "step1"]
     resumed = ppo.run(cfg, reuse=False)
-    return {"groups": groups_for(cfg), "summary": whole, "metrics": metrics, "ckpt": ckpt, "first": first,
+    return {"cfg": cfg, "groups": groups, "metrics": {1: first, 2: second}, "final": final, "probe": probe,
+            "ckpt": ckpt, "first": load_file(str(run_dir / "whole" / "model.safetensors")),
             "resumed": load_file(os.path.join(resumed["model_dir"], "model.safetensors"))}
 
 
@@ -78,7 +94,8 @@ def load_checkpoint_files(path):
 @pytest.mark.usefixtures("ray_session")
 def test_ppo_with_lora_uses_the_adapter_off_reference(ppo_lora):
     out = ppo_lora
-    assert out["groups"] == ("policy", "value")  # no reference (LoRA), no reward model (gold)
+    # No reference group (the policy's adapter off) and no reward group (the value model's).
+    assert out["groups"] == ("policy", "value")
     m1, m2 = out["metrics"][1], out["metrics"][2]
     # Step 1: B = 0, so the policy is its own adapter-off reference: every token's log-ratio is 0.
     assert m1["objective/kl"] == 0.0 and m1["objective/kl_per_token"] == 0.0
@@ -87,8 +104,29 @@ def test_ppo_with_lora_uses_the_adapter_off_reference(ppo_lora):
     assert math.isfinite(m2["objective/kl"]) and abs(m2["objective/kl_per_token"]) > 1e-5
     assert all(math.isfinite(m[k]) for m in (m1, m2) for k in ("loss/policy", "loss/value", "policy/grad_norm",
                                                                  "value/grad_norm"))
-    final = out["summary"]["final_eval"]
+    final = out["final"]
     assert final["eval/n"] == 8 and math.isfinite(final["eval/kl"]) and final["eval/kl"] != 0.0
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_value_ranks_serve_the_reward_model_exactly(ppo_lora, sft_model_dir):
+    """The reward is the value model with its adapters off and its original head: the reward
+    model (here the SFT model with the seeded head), although the value model has trained."""
+    from align.config import ModelConfig
+    from align.data.collate import collate_rows
+    from align.models.builders import build_scalar_model, build_tokenizer, sequence_scores
+
+    mc = ModelConfig(name_or_path=sft_model_dir)
+    tokenizer = build_tokenizer(mc)
+    rm = build_scalar_model(mc, tokenizer, seed=ppo_lora["cfg"].seed).eval()
+    rows = [{"prompt": p, "response": r} for p, r in zip(PROBE["prompt"], PROBE["response"])]
+    batch, _ = collate_rows(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = sequence_scores(rm, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ppo_lora["probe"], expected, rtol=0, atol=1e-5)
+    # ... while the value model's own head copy has moved away from that head.
+    trained = ppo_lora["ckpt"]["value"]["module"]["model.score.modules_to_save.default.weight"]
+    assert not torch.equal(trained, rm.score.weight)
 
 
 @pytest.mark.usefixtures("ray_session")
