@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -15,7 +14,7 @@ from align.config import ConfigError, ModelConfig, SourceConfig, StageConfig
 from align.engine import deepspeed_engine as de
 from align.generation import SamplingConfig
 from align.models.builders import build_causal_lm
-from align.models.lora import adapter_disabled
+from align.models.lora import as_reference
 from direct import ref_cache
 
 SFT_MODEL = "runs/sft/model"  # where the SFT stage (configs/sft/default.yaml) exports its policy
@@ -58,18 +57,6 @@ def uses_adapter_reference(cfg: DirectConfig) -> bool:
     return cfg.model.lora.enabled
 
 
-@contextmanager
-def _adapter_off(engine):
-    """The policy engine as the reference: adapters off, eval mode (no dropout), restored after."""
-    was_training = engine.module.training
-    engine.eval()
-    try:
-        with adapter_disabled(engine):
-            yield
-    finally:
-        engine.train(was_training)
-
-
 def cached_reference(cfg: DirectConfig, tokenizer, splits: Dict[str, Any], collate: Callable,
                      parts: Sequence[str], token_columns: Sequence[str], policy=None):
     """({split: reference log-prob columns}, {split: cache info}); see direct.ref_cache.
@@ -81,7 +68,7 @@ def cached_reference(cfg: DirectConfig, tokenizer, splits: Dict[str, Any], colla
     if uses_adapter_reference(cfg):
         if policy is None:
             raise ValueError("cached_reference: with model.lora the policy engine must be passed")
-        ref_id, build, scope = f"{ref_id}|lora-adapter-off", (lambda: policy), _adapter_off
+        ref_id, build, scope = f"{ref_id}|lora-adapter-off", (lambda: policy), as_reference
     return ref_cache.load_or_compute(
         {k: v for k, v in splits.items() if v is not None}, ref_id=ref_id,
         build_model=build, collate=collate, parts=parts, scope=scope,

@@ -6,6 +6,10 @@ rlhf/rollout.py): the policy and the value model are trained, the reference (the
 the reward model are frozen. The same stage runs the critic-free estimators (advantage.estimator:
 grpo, dr_grpo, rloo, reinforce_pp; rlhf/advantages.py): they start no value group, and rewards
 that need no reward model (reward.fns: gold, rules, user functions) start no reward group.
+With LoRA (model.lora) the policy ranks compute the reference log-probs themselves, with their
+adapter off (the base model exactly), so no reference group starts; the value model trains
+LoRA plus its full score head, and when it starts from the reward model (value_model unset) it
+serves the reward with its adapters off too, so PPO holds two model copies instead of four.
 One PPO step (`PPO.step`):
 
     rollout      the policy ranks sample responses to their share of the step's prompts
@@ -192,6 +196,9 @@ class PPOConfig(StageConfig):
         if self.kl.adaptive and self.kl.mode != "reward":
             raise ConfigError(f"kl.adaptive: adapts the KL coefficient in the reward; needs kl.mode=reward "
                               f"(got {self.kl.mode})")
+        if self.model.lora.enabled and self.reference_model not in (None, self.model.name_or_path):
+            raise ConfigError(f"reference_model: with model.lora the reference is the base model "
+                              f"({self.model.name_or_path}) with the adapter off; unset reference_model or model.lora.r")
         if self.uses_reward_model and not self.reward_model:
             raise ConfigError("reward_model: a reward.fns term is 'reward_model'; set reward_model to the "
                               "reward-model stage's directory, or use other reward.fns (gold, a rule)")
@@ -213,6 +220,18 @@ class PPOConfig(StageConfig):
     @property
     def uses_value_model(self) -> bool:
         return ADVANTAGE_ESTIMATORS[self.advantage.estimator].needs_value_model
+
+    @property
+    def adapter_reference(self) -> bool:
+        """With LoRA the policy ranks serve the reference (their adapter off): no reference group."""
+        return self.model.lora.enabled
+
+    @property
+    def reward_on_value(self) -> bool:
+        """With LoRA, a value model started from the reward model is the reward model with its
+        adapters off (and its original score head): the value ranks serve the reward, no reward group."""
+        return (self.model.lora.enabled and self.uses_value_model and self.uses_reward_model
+                and self.value_model in (None, self.reward_model))
 
     @property
     def uses_reward_model(self) -> bool:

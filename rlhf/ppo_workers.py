@@ -2,8 +2,11 @@
 group's Ray actors by ActorGroup; the driver side is rlhf/rollout.py).
 
     PolicyWorker     trained causal LM: rollouts, old log-probs and entropy, clipped policy update
-    ValueWorker      trained scalar model (initialised from the reward model): values, value update
-    ReferenceWorker  frozen SFT model: reference log-probs
+    ValueWorker      trained scalar model (initialised from the reward model): values, value update;
+                     with LoRA, adapters plus the full score head, and when it starts from the
+                     reward model it also serves the reward with its adapters off (no reward group)
+    ReferenceWorker  frozen SFT model: reference log-probs (not started with LoRA: the policy
+                     serves them with its adapter off, PolicyWorker.ref_logprobs)
     RewardWorker     frozen reward model: normalised scores of whole responses
 
 Rows travel between groups through the driver as dicts of token ids, {"prompt": [...],
@@ -26,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from align.config import ConfigError
+from align.config import ConfigError, LoRAConfig
 from align.data.batching import BatchIterator
 from align.data.collate import collate_rows
 from align.engine import deepspeed_engine as de
@@ -34,6 +37,7 @@ from align.evaluation import sample_and_score
 from align.generation import sample
 from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, last_token_index, token_scalars
 from align.models.logprobs import sequence_logprobs
+from align.models.lora import as_reference, is_lora
 from align.stage import load_tokenized
 from reward_model.loss import reward_normalization
 from rlhf.policy_loss import clipped_policy_loss, kl_loss
@@ -203,6 +207,14 @@ class PolicyWorker:
         """Per-row response log-probs (R,) under the current policy, and the summed entropy."""
         return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, entropy, temperature)
 
+    @torch.no_grad()
+    def ref_logprobs(self, rows: Sequence[Row], temperature: Optional[float] = None):
+        """With LoRA: the reference's log-probs, from this policy with its adapter off (the base
+        model exactly), so no reference group is needed."""
+        assert is_lora(self.engine), "ref_logprobs: the policy has no adapter (use the reference group)"
+        with as_reference(self.engine):
+            return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, temperature=temperature)
+
     def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, Dict[str, float]]:
         """One optimizer step on this rank's share of a minibatch (gradient accumulation over
         micro-batches). `num_tokens` is the minibatch's response-token count over ALL ranks, so
@@ -249,7 +261,7 @@ class PolicyWorker:
                                        keep=self.cfg.train.keep_checkpoints)
 
     def export(self, out_dir: str):
-        return self.de.export_hf(self.engine, self.tokenizer, out_dir)
+        return self.de.export_hf(self.engine, self.tokenizer, out_dir, merge=self.cfg.export.merge)
 
     def close(self) -> None:
         self.engine = self.generate_fn = None
@@ -269,6 +281,9 @@ class ValueWorker:
         optim = replace(cfg.optim, lr=cfg.value_lr if cfg.value_lr is not None else cfg.optim.lr)
         ds = group_deepspeed(cfg, cfg.value, trained=True, grad_accum_steps=self.gas)
         self.engine = de.init_train_engine(model, ds, optim, _optimizer_steps(cfg))
+        if cfg.reward_on_value:  # the reward model's own normalisation, for reward_scores
+            config = model.model.config
+            self.mean, self.std = reward_normalization(config) if cfg.normalize_reward else (0.0, 1.0)
         self.step = 0
         state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
         if state is not None:
@@ -293,6 +308,15 @@ class ValueWorker:
             values, _ = self._values(part)
             out += [values[i, : len(r["response"])].cpu() for i, r in enumerate(part)]
         return out
+
+    @torch.no_grad()
+    def reward_scores(self, rows: Sequence[Row]) -> List[float]:
+        """With LoRA and the value model started from the reward model: the reward model's
+        normalised scores, from this model with its adapters off and its original score head
+        (the reward model exactly), so no reward group is needed."""
+        assert self.cfg.reward_on_value, "reward_scores: the value model is not the reward model with LoRA"
+        with as_reference(self.engine):
+            return _scores(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, self.mean, self.std)
 
     def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, Dict[str, float]]:
         """As PolicyWorker.train_minibatch, with the clipped value loss."""
@@ -351,8 +375,8 @@ class ReferenceWorker:
     def __init__(self, cfg):
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model)
-        model = build_causal_lm(replace(cfg.model, name_or_path=cfg.reference_model or cfg.model.name_or_path),
-                                self.tokenizer, seed=cfg.seed)
+        model = build_causal_lm(replace(cfg.model, name_or_path=cfg.reference_model or cfg.model.name_or_path,
+                                        lora=LoRAConfig()), self.tokenizer, seed=cfg.seed)
         self.engine = de.init_eval_engine(model, group_deepspeed(cfg, cfg.reference, trained=False), cfg.optim)
 
     @torch.no_grad()
@@ -370,21 +394,27 @@ class RewardWorker:
     def __init__(self, cfg):
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model)
-        model = build_scalar_model(replace(cfg.model, name_or_path=cfg.reward_model, tokenizer=None),
-                                   self.tokenizer, seed=cfg.seed)
+        # Frozen: no adapter (the policy's model.lora is not for the reward model).
+        model = build_scalar_model(replace(cfg.model, name_or_path=cfg.reward_model, tokenizer=None,
+                                           lora=LoRAConfig()), self.tokenizer, seed=cfg.seed)
         self.mean, self.std = reward_normalization(model.config) if cfg.normalize_reward else (0.0, 1.0)
         self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free), group_deepspeed(cfg, cfg.reward, trained=False),
                                           cfg.optim)
 
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> List[float]:
-        out: List[float] = []
-        for part in chunks(rows, self.cfg.deepspeed.micro_batch_size):
-            batch, _ = collate_on_device(part, self.tokenizer.pad_token_id)
-            values = self.engine(batch["input_ids"], batch["attention_mask"])
-            raw = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
-            out += ((raw - self.mean) / self.std).tolist()
-        return out
+        return _scores(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, self.mean, self.std)
 
     def close(self) -> None:
         self.engine = None
+
+
+def _scores(engine, rows: Sequence[Row], pad_id: int, cfg, mean: float, std: float) -> List[float]:
+    """Per-row scalar at the last token of a TokenScalars engine, normalised: (raw - mean) / std."""
+    out: List[float] = []
+    for part in chunks(rows, cfg.deepspeed.micro_batch_size):
+        batch, _ = collate_on_device(part, pad_id)
+        values = engine(batch["input_ids"], batch["attention_mask"])
+        raw = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+        out += ((raw - mean) / std).tolist()
+    return out

@@ -31,9 +31,12 @@ from rlhf.ppo_workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueW
 # The per-rank class of every group a rollout stage can start (one config section each).
 WORKERS = {"policy": PolicyWorker, "value": ValueWorker, "reference": ReferenceWorker, "reward": RewardWorker}
 GROUP_ORDER = ("policy", "value", "reference", "reward")
-# What each group computes over a rollout's rows (method, keyword arguments), in call order.
+# What each group computes over a rollout's rows (method, keyword arguments), in call order;
+# without a reference or reward group (LoRA), ON_ADAPTER_OFF says who serves them.
 INFERENCE = (("policy", "logprobs", {"entropy": True}), ("reference", "logprobs", {}),
              ("value", "values", {}), ("reward", "scores", {}))
+# With LoRA the trained groups serve the frozen ones with their adapters off (rlhf/ppo.py).
+ON_ADAPTER_OFF = {"reference": ("policy", "ref_logprobs"), "reward": ("value", "reward_scores")}
 # The trained groups, and the per-row fields their train_minibatch reads from the Trajectory.
 TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages"},
                 "value": {"old_values": "values", "returns": "returns"}}
@@ -41,10 +44,13 @@ TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages
 
 def groups_for(cfg) -> Tuple[str, ...]:
     """The groups a run starts: the value model only for an estimator that needs one (gae), the
-    reward model only when a reward.fns term is "reward_model". Everything else iterates over
-    the groups present."""
+    reward model only when a reward.fns term is "reward_model", the reference only without LoRA
+    (with it, the policy ranks serve the reference with their adapter off, and a value model
+    started from the reward model serves the reward). Everything else iterates over the groups
+    present."""
     return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
-                 and (g != "reward" or cfg.uses_reward_model))
+                 and (g != "reward" or cfg.uses_reward_model and not cfg.reward_on_value)
+                 and (g != "reference" or not cfg.adapter_reference))
 
 
 def train_fields(cfg) -> Dict[str, Dict[str, str]]:
@@ -148,9 +154,17 @@ class RolloutStage:
         """Prompts, responses, EOS flags and texts sampled by every policy rank, in rank order."""
         return self._sample("rollout", step)
 
+    def _route(self, group: str, method: str = "logprobs") -> Tuple[str, str]:
+        """The (group, method) that serves `group.method`: with LoRA, the reference's log-probs
+        come from the policy group and the reward from the value group, adapters off."""
+        if group in ON_ADAPTER_OFF and group not in self.groups and ON_ADAPTER_OFF[group][0] in self.groups:
+            return ON_ADAPTER_OFF[group]
+        return group, method
+
     def logprobs(self, rows: Sequence[Dict[str, list]], group: str = "policy") -> List[torch.Tensor]:
         """Response log-probs of {"prompt", "response"} rows under the policy or the reference."""
-        return [o["logprobs"] for o in self.groups[group].gather(self.groups[group].scatter("logprobs", rows))]
+        name, method = self._route(group)
+        return [o["logprobs"] for o in self.groups[name].gather(self.groups[name].scatter(method, rows))]
 
     def score(self, prompt, response) -> List[float]:
         """The "reward_model" term of `reward_fn`: the reward group's scores of the current batch."""
@@ -170,9 +184,10 @@ class RolloutStage:
     def score_rollout(self, rollout: Dict[str, list]) -> Dict[str, Any]:
         """The rollout's rewards alone (dynamic sampling needs them before the other forwards)."""
         rm = []
-        if "reward" in self.groups:
+        name, method = self._route("reward", "scores")
+        if self.cfg.uses_reward_model:
             rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
-            rm = self.groups["reward"].gather(self.groups["reward"].scatter("scores", rows))
+            rm = self.groups[name].gather(self.groups[name].scatter(method, rows))
         return self._combine(rollout, rm)
 
     def inference(self, rollout: Dict[str, list], scores=None) -> Dict[str, Any]:
@@ -181,9 +196,12 @@ class RolloutStage:
         group) and the rollout's rewards (B,) (the given `scores` if any: the reward group then
         skips). Tensors (B, T) are right-padded."""
         rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
-        pending = {g: self.groups[g].scatter(method, rows, **kwargs) for g, method, kwargs in INFERENCE
-                   if g in self.groups and not (g == "reward" and scores is not None)}
-        out = {g: self.groups[g].gather(p) for g, p in pending.items()}
+        pending = {}  # every call is submitted before any result is read; one group runs its calls in order
+        for g, method, kwargs in INFERENCE:
+            name, method = self._route(g, method)
+            if name in self.groups and not (g == "reward" and scores is not None):
+                pending[g] = (name, self.groups[name].scatter(method, rows, **kwargs))
+        out = {g: self.groups[name].gather(p) for g, (name, p) in pending.items()}
         rewards = ({"scores": scores, "reward_terms": {}} if scores is not None
                    else self._combine(rollout, out.get("reward", [])))
         return {"rows": rows, "mask": pad_right([torch.ones(len(r)) for r in rollout["response"]]),
@@ -232,8 +250,8 @@ class RolloutStage:
         out = self._sample("eval_rollout", cfg.eval_prompts)
         rows = [{"prompt": p, "response": r} for p, r in zip(out["prompt"], out["response"])]
         # k1 per sequence, sum over tokens of log pi - log pi_ref: unbiased for KL(pi || pi_ref).
-        pending = [(g, self.groups[g].scatter("logprobs", rows, temperature=cfg.eval_sampling.temperature))
-                   for g in ("policy", "reference")]  # both groups at once
+        pending = [(name, self.groups[name].scatter(method, rows, temperature=cfg.eval_sampling.temperature))
+                   for name, method in map(self._route, ("policy", "reference"))]  # both groups at once
         pol, ref = ([o["logprobs"] for o in self.groups[g].gather(p)] for g, p in pending)
         kl = [float((a - b).sum()) for a, b in zip(pol, ref)]
         metrics = {"n": len(rows), "length": statistics.mean(len(r) for r in out["response"]),

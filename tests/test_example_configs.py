@@ -44,3 +44,30 @@ def test_real_model_examples_use_zero3_and_bf16():
     assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (3, "bf16")
     assert cfg.deepspeed.offload_optimizer and cfg.deepspeed.offload_params
     assert cfg.ray.address == "auto" and cfg.ray.num_actors == 16
+
+
+def test_smollm2_lora_pipeline_is_the_smollm2_pipeline_with_lora_in_every_stage():
+    """Every stage resolves with model.lora r=16 on every linear layer; apart from LoRA and the
+    learning rates it is configs/pipeline/smollm2.yaml; its PPO starts no reference and no reward group."""
+    import dataclasses
+
+    from launch.pipeline import PipelineConfig, order, stage_config
+    from rlhf.rollout import groups_for
+
+    pipes = {p: load_config(PipelineConfig, os.path.join(ROOT, f"configs/pipeline/{p}.yaml"))
+             for p in ("smollm2", "smollm2_lora")}
+    names = order(pipes["smollm2"].stages)
+    assert order(pipes["smollm2_lora"].stages) == names
+    models = {n: f"/models/{n}" for n in names}
+    for name in names:
+        plain, lora = (dataclasses.asdict(stage_config(pipes[p], name, models)) for p in ("smollm2", "smollm2_lora"))
+        assert lora["model"]["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
+        assert plain["model"]["lora"]["r"] == 0
+        assert lora["optim"]["lr"] > plain["optim"]["lr"]
+        for cfg in (plain, lora):
+            for key in ("run_dir", "value_lr"):
+                cfg.pop(key, None)
+            cfg["model"].pop("lora"), cfg["optim"].pop("lr"), cfg["tracking"].pop("group")
+        assert plain == lora, name
+    ppo = stage_config(pipes["smollm2_lora"], "ppo", models)
+    assert groups_for(ppo) == ("policy", "value")  # the adapters-off policy and value serve reference and reward

@@ -8,7 +8,8 @@ the base weights are frozen, so the optimizer state and the checkpoints hold the
 The model keeps its own class (peft's wrapper is unwrapped; the LoRA layers are injected into
 it), so the stages, the log-prob code and `generate` see the same attributes as without LoRA.
 `adapter_disabled(model)` switches the adapters off: the model is then exactly the base model,
-which is the frozen reference of DPO and KTO (no second model copy).
+which is the frozen reference of DPO, KTO and PPO/GRPO (no second model copy); `as_reference`
+does that for a training engine, in eval mode.
 """
 
 from __future__ import annotations
@@ -68,15 +69,18 @@ def is_lora(model) -> bool:
 
 
 def _tuner_layers(model):
+    """The LoRA layers and the fully trained copies of heads (peft's modules_to_save wrappers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
-    return [m for m in _module(model).modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in _module(model).modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
 
 
 @contextmanager
 def adapter_disabled(model) -> Iterator[None]:
-    """Inside the block the LoRA layers compute the base layer only: the model is the base
-    model, bit for bit (what peft's `disable_adapter()` does, on the unwrapped model)."""
+    """Inside the block the LoRA layers compute the base layer only and a trained head is its
+    original: the model is the base model, bit for bit (what peft's `disable_adapter()` does, on
+    the unwrapped model)."""
     layers = _tuner_layers(model)
     was = [not layer.disable_adapters for layer in layers]
     try:
@@ -86,6 +90,19 @@ def adapter_disabled(model) -> Iterator[None]:
     finally:
         for layer, on in zip(layers, was):
             layer.enable_adapters(on)
+
+
+@contextmanager
+def as_reference(engine) -> Iterator[None]:
+    """A training engine as the frozen reference: adapters off and eval mode (no dropout), both
+    restored after the block."""
+    was_training = _module(engine).training
+    engine.eval()
+    try:
+        with adapter_disabled(engine):
+            yield
+    finally:
+        engine.train(was_training)
 
 
 def merged_state_dict(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

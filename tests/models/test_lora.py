@@ -101,6 +101,27 @@ def test_adapter_off_is_the_base_model_exactly():
     assert torch.equal(again, on)  # switched back on after the block
 
 
+def test_adapter_off_scalar_model_is_the_base_model_with_its_original_head():
+    """PPO's value model serves the reward with its adapters off: the trained head copy must
+    give way to the original head too, and both come back (trainable) after the block."""
+    base = build_scalar_model(ModelConfig(), seed=5).eval()
+    model = build_scalar_model(ModelConfig(lora=LORA), seed=5).eval()
+    ids, mask, _ = _batch(model.config.vocab_size)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        expected = sequence_scores(base, ids, mask)
+        _perturb_adapters(model)
+        head = model.score.modules_to_save["default"].weight
+        head.add_(torch.randn_like(head))
+        on = sequence_scores(model, ids, mask)
+        with lora.adapter_disabled(model):
+            off = sequence_scores(model, ids, mask)
+        again = sequence_scores(model, ids, mask)
+    assert (on - expected).abs().max() > 1e-2
+    assert torch.equal(off, expected) and torch.equal(again, on)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
 def test_merged_and_adapter_exports_give_the_adapter_models_logprobs(tmp_path, builtin_tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -161,4 +182,45 @@ def test_two_lora_steps_on_the_real_model(stage, smollm2_dir, ray_session, quick
     base = load_file(os.path.join(smollm2_dir, "model.safetensors"))
     assert merged.keys() == base.keys()
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _length_reward(prompts, responses, extras):
+    return [float(len(r)) for r in responses]  # varies between samples: GRPO advantages are not 0
+
+
+def test_two_grpo_steps_with_lora_on_the_real_model(smollm2_dir, ray_session, quick, tmp_path):
+    """GRPO with LoRA r=16 on SmolLM2-135M-Instruct: only the policy group starts, its first-step
+    reference (adapter off) equals the policy, and 2 steps train the adapters alone."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from reward_model.rewards import CombinedReward
+    from rlhf import ppo
+    from rlhf.ppo import PPOConfig
+
+    cfg = load_config(PPOConfig, "configs/ppo/grpo.yaml", quick(tmp_path, **{
+        "model.name_or_path": smollm2_dir, "model.lora.r": 16, "model.lora.alpha": 32,
+        "data.train": '[{path: "builtin:prompts", max_rows: 8}]', "data.eval": "[]", "data.max_prompt_length": 48,
+        "rollout_batch_size": 4, "rollout.group_size": 4, "ppo_epochs": 1, "num_minibatches": 1,
+        "deepspeed.micro_batch_size": 4, "sampling.max_new_tokens": 8, "train.max_steps": 2,
+        "train.save_every": 0, "eval_prompts": 0, "eval_at_start": False, "optim.lr": 1e-3}))
+    stage = ppo.start(cfg)
+    try:
+        groups = sorted(stage.groups)
+        stage.reward_fn = CombinedReward([("length", 1.0, _length_reward)])
+        steps = [stage.train_step(1), stage.train_step(2)]
+        stage.export(str(tmp_path / "model"))
+    finally:
+        stage.shutdown()
+    assert groups == ["policy"]
+    assert steps[0]["objective/kl"] == 0.0 and steps[0]["policy/kl"] == 0.0
+    assert all(math.isfinite(m[k]) for m in steps for k in ("loss/policy", "policy/grad_norm", "objective/kl"))
+    assert steps[0]["policy/grad_norm"] > 0
+    merged = load_file(str(tmp_path / "model" / "model.safetensors"))
+    base = load_file(os.path.join(smollm2_dir, "model.safetensors"))
+    assert merged.keys() == base.keys()
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
