@@ -230,6 +230,9 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
     `evaluate(final=..., start=...)`, `save_checkpoint(step)`, `export(dir)`, `summary()` (the
     stage's own summary fields) and `shutdown()`.
     """
+    from align.precision import apply_precision_policy
+
+    apply_precision_policy(cfg)  # bf16 on a CPU without bf16 hardware: fp32 or an error, before Ray
     inputs = runs.identify_inputs(inputs)
     if reuse:
         done = runs.finished(cfg, data_fingerprint, inputs)
@@ -306,6 +309,7 @@ def _stage_main(argv: Sequence[str], config_cls, run_fn: Callable, description: 
 
     from align.config import load_config
     from align.data.prepare import prepare_stage
+    from align.precision import apply_precision_policy
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
@@ -313,6 +317,7 @@ def _stage_main(argv: Sequence[str], config_cls, run_fn: Callable, description: 
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
     cfg = load_config(config_cls, args.config, args.overrides)
+    apply_precision_policy(cfg)  # one line (or a config error) before anything heavy starts
     prepare_stage(cfg)  # quiet: nothing is printed before a user's mistake
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_fn(cfg)
