@@ -252,10 +252,11 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
             log.info("%s: resuming at step %d of %d", stage, start, total)
         elif plan["eval_at_start"]:
             tracker.log(driven.evaluate(start=True), 0)
-        tokens, last = 0.0, {}
+        tokens, last, first_step_at = 0.0, {}, None
         costs = runs.CostLedger(run_dir.path, start)  # cost of the whole training, across resumes
         bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, disable=None)
         for step in range(start + 1, total + 1):
+            first_step_at = first_step_at or time.time()
             metrics = driven.train_step(step)
             tokens += metrics.get("tokens", 0.0)
             last = metrics
@@ -278,6 +279,9 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
             "train_tokens": tokens, "model_dir": run_dir.model,
             "final_train": {k: v for k, v in last.items() if isinstance(v, (int, float))},
             "final_eval": final, **driven.summary(),
+            # Start-up inside this call: run directory, Ray, actors, model load, reference pass.
+            "startup_s": round(first_step_at - started, 2) if first_step_at else None,
+            "first_step_at": first_step_at,  # Unix time the first step of this call began
         }
         totals = costs.totals(tokens, time.time() - started)
         summary.update(wall_time_s=totals["wall_time_s"], train_tokens=totals["train_tokens"],
