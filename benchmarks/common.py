@@ -158,6 +158,9 @@ def step_tokens(seqs: List[List[List[int]]], order: List[List[int]],
 # ---------------------------------------------------------------------------------------------
 
 
+ACTOR_TITLES = ("ray::RankActor", "ray::Worker")
+
+
 class TreeRSS:
     """Peak memory of a process and its descendants, sampled every `interval` seconds.
 
@@ -183,13 +186,14 @@ class TreeRSS:
         except psutil.Error:
             return
         for p in found:
-            # A new Ray worker takes its "ray::Worker" title only once running: classify again until then.
+            # A new Ray worker takes its actor's title ("ray::RankActor.<method>", align.engine.ray_group; older
+            # versions "ray::Worker") only once running: classify again until then.
             if self.procs.get(p.pid, (None, "ray_other"))[1] == "ray_other":
                 try:
                     cmd = " ".join(p.cmdline()[:1])
                 except psutil.Error:
                     continue
-                key = "driver" if p.pid == self.root.pid else "actors" if cmd.startswith("ray::Worker") else "ray_other"
+                key = "driver" if p.pid == self.root.pid else "actors" if cmd.startswith(ACTOR_TITLES) else "ray_other"
                 self.procs[p.pid] = (p, key)
         self._scanned = time.monotonic()
 
