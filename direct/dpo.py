@@ -44,8 +44,8 @@ from align.stage import StageWorker, Throughput, eval_batches, load_prompts, loa
 from align.models.logprobs import sequence_logprobs
 from direct.losses import PAIRWISE_LOSSES, LossSpec, pairwise_loss, plackett_luce_dpo_loss
 from direct.ref_cache import lookup
-from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, \
-    scores_with_policy, with_index
+from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, uses_adapter_reference, \
+    with_index
 from reward_model.labellers import LABELLERS, make_labeller
 
 PAIR_PARTS = ("chosen", "rejected")
@@ -171,14 +171,13 @@ class DPOWorker(StageWorker):
         if cfg.online.rounds:
             self.labeller = make_labeller(cfg.online.labeller, cfg.online.prompts.path, cfg.online.reward_model,
                                           cfg.model.trust_remote_code)
-        # Reference log-probs: a separate reference (`reference:` other weights) is built on a
-        # cache miss, used and freed before the policy engine exists. When the reference is the
-        # starting policy (`reference: null`, or LoRA with its adapter off) the policy engine
-        # scores the rows before its first step: the same weights are not loaded twice.
+        # Reference log-probs first: the reference is built (on a cache miss), used and freed
+        # before the policy engine exists. With LoRA the reference is the policy with its
+        # adapter off, so they come once the engine exists.
         self.ref, self.ref_info = {}, {}
         splits = {"eval": self.eval_rows} if cfg.online.rounds else {"train": self.train_rows, "eval": self.eval_rows}
         reference = partial(cached_reference, cfg, self.tokenizer, splits, self.collate, self.parts, self.token_columns)
-        if self.spec.needs_reference and not scores_with_policy(cfg):
+        if self.spec.needs_reference and not uses_adapter_reference(cfg):
             self.ref, self.ref_info = reference()
         self.batches = self._batches(self.train_rows, cfg.seed)
         self.data_iter = iter(self.batches)
@@ -188,8 +187,8 @@ class DPOWorker(StageWorker):
             self.total_steps = planned_steps(cfg.train, len(self.batches), cfg.deepspeed.grad_accum_steps)
         model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
         self.engine = de.init_train_engine(model, cfg.deepspeed, cfg.optim, self.total_steps)
-        if self.spec.needs_reference and scores_with_policy(cfg):
-            self.ref, self.ref_info = reference(policy=self.engine, untrained=True)
+        if self.spec.needs_reference and uses_adapter_reference(cfg):
+            self.ref, self.ref_info = reference(policy=self.engine)
         self.throughput, self.round_metrics = None, {}
         self.resume(restore_data=not cfg.online.rounds)  # online: a resumed run starts a fresh round
 

@@ -40,8 +40,8 @@ from align.stage import StageWorker, Throughput, eval_batches, load_prompts, loa
     stage_main
 from direct.losses import kto_kl_reference_point, kto_loss
 from direct.ref_cache import lookup
-from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, \
-    scores_with_policy, with_index
+from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, uses_adapter_reference, \
+    with_index
 
 KTO_PARTS = ("completion", "kl")
 KTO_TOKENS = ("prompt_ids", "completion_ids", "kl_completion_ids")
@@ -133,10 +133,9 @@ class KTOWorker(StageWorker):
             self.prompts = prompts.select(range(min(cfg.final_samples, len(prompts))))
         reference = partial(cached_reference, cfg, self.tokenizer, {"train": self.train_rows, "eval": self.eval_rows},
                             partial(collate_kto_reference, pad_id=pad), KTO_PARTS, KTO_TOKENS)
-        # A separate reference is built, used and freed before the policy exists; when it is the
-        # starting policy (`reference: null`, or LoRA with the adapter off) the policy engine
-        # scores the rows before its first step, so it comes after (one model load, not two).
-        if not scores_with_policy(cfg):
+        # The reference is built, used and freed before the policy exists; with LoRA it is the
+        # policy itself with the adapter off, so it comes after.
+        if not uses_adapter_reference(cfg):
             self.ref, self.ref_info = reference()
         self.batches = BatchIterator(self.train_rows, cfg.deepspeed.micro_batch_size, cfg.seed, de.rank(),
                                      de.world_size(), collate_fn=self.collate)
@@ -144,8 +143,8 @@ class KTOWorker(StageWorker):
         self.total_steps = planned_steps(cfg.train, len(self.batches), cfg.deepspeed.grad_accum_steps)
         model = build_causal_lm(cfg.model, self.tokenizer, seed=cfg.seed)
         self.engine = de.init_train_engine(model, cfg.deepspeed, cfg.optim, self.total_steps)
-        if scores_with_policy(cfg):
-            self.ref, self.ref_info = reference(policy=self.engine, untrained=True)
+        if uses_adapter_reference(cfg):
+            self.ref, self.ref_info = reference(policy=self.engine)
         self.throughput = None
         self.resume()
 

@@ -58,24 +58,6 @@ def uses_adapter_reference(cfg: DirectConfig) -> bool:
     return cfg.model.lora.enabled
 
 
-def scores_with_policy(cfg: DirectConfig) -> bool:
-    """The reference log-probs come from the policy engine before its first step, with no second
-    model: with LoRA (the adapter off), or when the reference is the starting policy itself
-    (`reference: null`), which saves loading the same weights twice."""
-    return uses_adapter_reference(cfg) or cfg.reference in (None, "", cfg.model.name_or_path)
-
-
-@contextmanager
-def _eval_mode(engine):
-    """The untrained policy engine as the reference: eval mode (no dropout), restored after."""
-    was_training = engine.module.training
-    engine.eval()
-    try:
-        yield
-    finally:
-        engine.train(was_training)
-
-
 @contextmanager
 def _adapter_off(engine):
     """The policy engine as the reference: adapters off, eval mode (no dropout), restored after."""
@@ -89,22 +71,17 @@ def _adapter_off(engine):
 
 
 def cached_reference(cfg: DirectConfig, tokenizer, splits: Dict[str, Any], collate: Callable,
-                     parts: Sequence[str], token_columns: Sequence[str], policy=None, untrained: bool = False):
+                     parts: Sequence[str], token_columns: Sequence[str], policy=None):
     """({split: reference log-prob columns}, {split: cache info}); see direct.ref_cache.
 
     With LoRA (`uses_adapter_reference`), `policy` (the training engine) scores the rows with its
-    adapter disabled, which is the base model exactly; the cache key says so. Without LoRA,
-    `policy` with `untrained=True` (the engine before its first step, whose weights are the
-    reference's: `scores_with_policy`) scores them in eval mode; otherwise the reference model is
-    built from its own weights."""
+    adapter disabled, which is the base model exactly; the cache key says so."""
     ref_id = ref_cache.reference_id(reference_model_cfg(cfg), cfg.seed, cfg.deepspeed.precision)
     build, scope = reference_builder(cfg, tokenizer), None
     if uses_adapter_reference(cfg):
         if policy is None:
             raise ValueError("cached_reference: with model.lora the policy engine must be passed")
         ref_id, build, scope = f"{ref_id}|lora-adapter-off", (lambda: policy), _adapter_off
-    elif policy is not None and untrained and scores_with_policy(cfg):
-        build, scope = (lambda: policy), _eval_mode  # the same weights: the same cache key
     return ref_cache.load_or_compute(
         {k: v for k, v in splits.items() if v is not None}, ref_id=ref_id,
         build_model=build, collate=collate, parts=parts, scope=scope,
