@@ -199,6 +199,13 @@ class DeepSpeedConfig:
     offload_params: bool = False
     # fp32, bf16 or fp16 mixed precision.
     precision: str = "fp32"
+    # What to do when `precision` is bf16 or fp16 and the hardware has no such arithmetic: a CPU
+    # without amx_bf16/avx512_bf16 (fp16: amx_fp16/avx512_fp16) in /proc/cpuinfo emulates it, many
+    # times slower than fp32 (a DPO step 20x on an AVX2-only EPYC); on CUDA the GPU decides.
+    # fp32: train in fp32 instead, saying so in one line before start-up (a bf16 config then runs
+    # at full speed on every machine; the run's saved config records fp32). error: stop with a
+    # one-line config error. keep: run the asked precision anyway (e.g. to test bf16 numerics).
+    precision_fallback: str = "fp32"
     # Sequences per rank per forward; global batch = micro_batch_size * grad_accum_steps * ranks.
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
@@ -210,6 +217,7 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         check_choice("deepspeed.zero_stage", self.zero_stage, [0, 1, 2, 3])
         check_choice("deepspeed.precision", self.precision, ["fp32", "bf16", "fp16"])
+        check_choice("deepspeed.precision_fallback", self.precision_fallback, ["fp32", "error", "keep"])
         check_positive("deepspeed.micro_batch_size", self.micro_batch_size)
         check_positive("deepspeed.grad_accum_steps", self.grad_accum_steps)
         if self.offload_params and self.zero_stage != 3:

@@ -230,6 +230,9 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
     `evaluate(final=..., start=...)`, `save_checkpoint(step)`, `export(dir)`, `summary()` (the
     stage's own summary fields) and `shutdown()`.
     """
+    from align.precision import apply_precision_policy
+
+    apply_precision_policy(cfg)  # bf16 on a CPU without bf16 hardware: fp32 or an error, before Ray
     inputs = runs.identify_inputs(inputs)
     if reuse:
         done = runs.finished(cfg, data_fingerprint, inputs)
@@ -250,10 +253,11 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
             log.info("%s: resuming at step %d of %d", stage, start, total)
         elif plan["eval_at_start"]:
             tracker.log(driven.evaluate(start=True), 0)
-        tokens, last = 0.0, {}
+        tokens, last, first_step_at = 0.0, {}, None
         costs = runs.CostLedger(run_dir.path, start)  # cost of the whole training, across resumes
         bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True, disable=None)
         for step in range(start + 1, total + 1):
+            first_step_at = first_step_at or time.time()
             metrics = driven.train_step(step)
             tokens += metrics.get("tokens", 0.0)
             last = metrics
@@ -276,6 +280,9 @@ def run_stage(stage: str, cfg: StageConfig, worker: Union[Callable, OnDriver], d
             "train_tokens": tokens, "model_dir": run_dir.model,
             "final_train": {k: v for k, v in last.items() if isinstance(v, (int, float))},
             "final_eval": final, **driven.summary(),
+            # Start-up inside this call: run directory, Ray, actors, model load, reference pass.
+            "startup_s": round(first_step_at - started, 2) if first_step_at else None,
+            "first_step_at": first_step_at,  # Unix time the first step of this call began
         }
         totals = costs.totals(tokens, time.time() - started)
         summary.update(wall_time_s=totals["wall_time_s"], train_tokens=totals["train_tokens"],
@@ -307,6 +314,7 @@ def _stage_main(argv: Sequence[str], config_cls, run_fn: Callable, description: 
 
     from align.config import load_config
     from align.data.prepare import prepare_stage
+    from align.precision import apply_precision_policy
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
@@ -314,6 +322,7 @@ def _stage_main(argv: Sequence[str], config_cls, run_fn: Callable, description: 
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
     cfg = load_config(config_cls, args.config, args.overrides)
+    apply_precision_policy(cfg)  # one line (or a config error) before anything heavy starts
     prepare_stage(cfg)  # quiet: nothing is printed before a user's mistake
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run_fn(cfg)

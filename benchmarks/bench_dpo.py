@@ -18,7 +18,10 @@ training. TRL runs both ways: `precompute_ref_log_probs=True` ("trl": the same d
 comparison of training speed) and its default ("trl-ref": a reference forward every step, what a
 TRL user gets out of the box; its MFU counts that forward as 2 x params FLOPs per token). The
 reference pass is start-up in both: outside the steady state, inside end-to-end wall time.
-Writes benchmarks/results/dpo.md (or OUT.md).
+Writes benchmarks/results/dpo.md and dpo.json (or OUT.md, OUT.json). On the real model:
+
+    .venv/bin/python benchmarks/bench_dpo.py --model builtin:smollm2-135m-instruct --variants ours,trl \
+        --max-length 512 --max-prompt-length 256 --steps 8 --reps 1 --out dpo_smollm2
 """
 
 from __future__ import annotations

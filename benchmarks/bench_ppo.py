@@ -60,8 +60,9 @@ def child(a) -> dict:
     from rlhf.ppo import run
 
     cfg = our_config(a)
-    run(cfg, reuse=False)
-    return {"steps": [m for m in read_metrics(cfg.run_dir) if "time/step" in m]}
+    summary = run(cfg, reuse=False)
+    return {"steps": [m for m in read_metrics(cfg.run_dir) if "time/step" in m],
+            "first_step_at": summary.get("first_step_at")}
 
 
 def child_trl(a) -> dict:
@@ -91,7 +92,7 @@ def child_trl(a) -> dict:
     steps = clock.step_s()
     rollouts = [sum(steps[i:i + per_rollout]) for i in range(0, len(steps) - per_rollout + 1, per_rollout)]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"rollout_s": rollouts, "mean_length": lengths}
+    return {"rollout_s": rollouts, "mean_length": lengths, "first_step_at": clock.first_step_at}
 
 
 def main() -> None:
@@ -100,7 +101,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--variants", default="ours,trl")
     p.add_argument("--child", choices=["ours", "trl"])
-    p.add_argument("--model"), p.add_argument("--reward"), p.add_argument("--data"), p.add_argument("--tmp")
+    p.add_argument("--model", help=f"policy of both (default {C.MODEL}); reward and value models are its "
+                                   "scalar-head copy")
+    p.add_argument("--out", default="ppo", help="results file stem (benchmarks/results/OUT.md and OUT.json)")
+    p.add_argument("--reward"), p.add_argument("--data"), p.add_argument("--tmp")
     a = p.parse_args()
     if a.child:
         with open(os.path.join(a.tmp, "result.json"), "w") as fh:
@@ -109,7 +113,9 @@ def main() -> None:
     import trl
 
     started, load_before = time.perf_counter(), C.load_line()
-    policy, reward = C.prepare("prompts", ROLLOUT * a.steps), C.prepare("prompts", ROLLOUT * a.steps, scalar=True)
+    a.model = a.model or C.MODEL
+    policy = C.prepare("prompts", ROLLOUT * a.steps, model=a.model)
+    reward = C.prepare("prompts", ROLLOUT * a.steps, scalar=True, model=a.model)
     C.prebuild_deepspeed_ops()
     peak1, peak = C.peak_flops(threads=1), C.peak_flops()
     variants = a.variants.split(",")
@@ -124,13 +130,15 @@ def main() -> None:
     peak1, peak = max(peak1, C.peak_flops(threads=1)), max(peak, C.peak_flops())  # best before/after
     params = model_params(policy["model"])
     m = C.machine()
+    command = (f".venv/bin/python benchmarks/bench_ppo.py --model {a.model} --steps {a.steps} --reps {a.reps} "
+               f"--variants {a.variants}")
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = ["# PPO: ours (rlhf.ppo) per-step split, and TRL's GRPOTrainer at the same rollout size", "",
-            f"`.venv/bin/python benchmarks/bench_ppo.py --steps {a.steps} --reps {a.reps} --variants {a.variants}` "
-            f"({time.perf_counter() - started:.0f} s in all). trl {trl.__version__}: "
+            f"`{command}` ({time.perf_counter() - started:.0f} s in all; {date}). trl {trl.__version__}: "
             f"`hasattr(trl, 'PPOTrainer')` = {hasattr(trl, 'PPOTrainer')}; the peer is GRPOTrainer (see the "
             "script's docstring for the matched settings).", "",
             f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
-            f"builtin:tiny-30m ({params:,} params; reward and value models are its scalar-head copy), "
+            f"{a.model} ({params:,} params; reward and value models are its scalar-head copy), "
             f"{ROLLOUT} completions per rollout of <= {NEW_TOKENS} new tokens, {EPOCHS} epochs x {MINIBATCHES} "
             f"minibatches of {MICRO}, KL weight {KL}, fp32; {a.steps} rollouts x {a.reps} runs, medians over "
             "rollouts 2..N of every run.", ""]
@@ -165,6 +173,7 @@ def main() -> None:
             per = [t for r in res[v] for t in r["rollout_s"][1:]]
             length = [x for r in res[v] for x in r["mean_length"][1:]]
         cols[v] = {"per": per, "length": length, "wall": [r["wall_s"] for r in res[v]],
+                   "startup": [r["startup_s"] for r in res[v] if r.get("startup_s")],
                    "tree": [r["peak_rss"]["tree"] / C.MIB for r in res[v]],
                    "train": [r["peak_rss"]["train_rss"] / C.MIB for r in res[v]]}
     label = {"ours": "ours (PPO: policy + value)", "trl": "TRL GRPOTrainer (policy only)"}
@@ -182,7 +191,26 @@ def main() -> None:
         f"token; 6 x params x 2 models per trained token. Load before {load_before}, after {C.load_line()}."]
     text = "\n".join(text)
     print(text)
-    print("wrote", C.write_result("ppo", text))
+    print("wrote", C.write_result(a.out, text))
+
+    def med(xs):
+        return round(statistics.median(xs), 3) if xs else None
+
+    # tokens/s here: generated (response) tokens per second of rollout wall time, the same count for both.
+    measures = {v: {"tokens_per_s": med([ROLLOUT * n / t for n, t in zip(cols[v]["length"], cols[v]["per"])]),
+                    "peak_pss_mib": med(cols[v]["tree"]), "startup_s": med(cols[v]["startup"]),
+                    "wall_s": med(cols[v]["wall"])} for v in variants}
+    ratio = C.ratios(measures, ["tokens_per_s", "peak_pss_mib", "startup_s", "wall_s"])
+    print("wrote", C.write_json(a.out, {
+        "benchmark": "ppo", "command": command, "date": date, "model": a.model,
+        "settings": {"steps": a.steps, "reps": a.reps, "rollout": ROLLOUT, "new_tokens": NEW_TOKENS, "micro_batch": MICRO,
+                     "epochs": EPOCHS, "minibatches": MINIBATCHES, "kl": KL, "precision": "fp32",
+                     "tokens_per_s": "generated tokens per second of rollout wall time"},
+        "machine": {k: m[k] for k in ("cpu", "cores", "ram_gib", "python")}, "versions": m["packages"],
+        "load_1min": {"before": load_before, "after": C.load_line()},
+        "variants": {v: {"label": label[v], **measures[v], "ratios": ratio[v],
+                         "s_per_rollout": med(cols[v]["per"]), "peak_rss_mib_training_process": med(cols[v]["train"])}
+                     for v in variants}}))
 
 
 if __name__ == "__main__":

@@ -37,28 +37,42 @@ WORK = os.environ.get("ALIGN_BENCH_WORK", "/tmp/align-bench")
 MODEL = "builtin:tiny-30m"
 SEED = 0
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 48
-EXTENSIONS = os.path.join(WORK, "torch_extensions")
+# The venv's own op folder when launch/env.sh set one (built there at set-up), else one of our own.
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(WORK, "torch_extensions")
 
 
-def prepare(split: str, rows: int, scalar: bool = False) -> Dict[str, str]:
-    """{"model": dir, "data": jsonl} (saved once under WORK; reused when present)."""
+def model_slug(model: str) -> str:
+    """A folder name for `model` (a builtin name or a path)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in model.replace("builtin:", "")).strip("-")
+
+
+def prepare(split: str, rows: int, scalar: bool = False, model: str = MODEL) -> Dict[str, str]:
+    """{"model": dir, "data": jsonl} (saved once under WORK; reused when present).
+
+    `model`: builtin:tiny-* is built (seed 0) and saved; any other model (builtin:smollm2-135m-instruct,
+    a folder) is used from its plain folder (a GGUF file is dequantised once, align.models.sources), with
+    a scalar-head copy saved for reward models. The prompts are rendered with that model's chat template."""
     os.makedirs(WORK, exist_ok=True)
     os.environ.setdefault("HF_HOME", os.path.join(WORK, "hf"))
-    model_dir = os.path.join(WORK, "tiny-30m-rm" if scalar else "tiny-30m")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        from align.config import ModelConfig
-        from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, save_pretrained
+    from align.config import ModelConfig
+    from align.models.builders import build_causal_lm, build_scalar_model, build_tokenizer, save_pretrained
+    from align.models.sources import resolve_source
 
-        cfg = ModelConfig(name_or_path=MODEL)
-        tokenizer = build_tokenizer(cfg)
-        model = (build_scalar_model if scalar else build_causal_lm)(cfg, tokenizer, seed=SEED)
-        save_pretrained(model, tokenizer, model_dir)
-    data = os.path.join(WORK, f"{split}-{rows}.jsonl")
+    slug = model_slug(model)
+    if model.startswith("builtin:tiny") or scalar:
+        model_dir = os.path.join(WORK, f"{slug}-rm" if scalar else slug)
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            cfg = ModelConfig(name_or_path=model)
+            tokenizer = build_tokenizer(cfg)
+            built = (build_scalar_model if scalar else build_causal_lm)(cfg, tokenizer, seed=SEED)
+            save_pretrained(built, tokenizer, model_dir)
+    else:
+        model_dir = resolve_source(model)
+    data = os.path.join(WORK, f"{split}-{rows}.jsonl" if slug == "tiny-30m" else f"{split}-{rows}-{slug}.jsonl")
     if not os.path.exists(data):
-        from align.models.tokenizer import build_builtin_tokenizer
         from align.task.synthetic import builtin_path
 
-        tok = build_builtin_tokenizer()
+        tok = build_tokenizer(ModelConfig(name_or_path=model_dir))
         with open(builtin_path(split, SEED)) as fh:
             src = [json.loads(line) for _, line in zip(range(rows), fh)]
         with open(data + ".tmp", "w") as out:
@@ -144,6 +158,9 @@ def step_tokens(seqs: List[List[List[int]]], order: List[List[int]],
 # ---------------------------------------------------------------------------------------------
 
 
+ACTOR_TITLES = ("ray::RankActor", "ray::Worker")
+
+
 class TreeRSS:
     """Peak memory of a process and its descendants, sampled every `interval` seconds.
 
@@ -169,13 +186,14 @@ class TreeRSS:
         except psutil.Error:
             return
         for p in found:
-            # A new Ray worker takes its "ray::Worker" title only once running: classify again until then.
+            # A new Ray worker takes its actor's title ("ray::RankActor.<method>", align.engine.ray_group; older
+            # versions "ray::Worker") only once running: classify again until then.
             if self.procs.get(p.pid, (None, "ray_other"))[1] == "ray_other":
                 try:
                     cmd = " ".join(p.cmdline()[:1])
                 except psutil.Error:
                     continue
-                key = "driver" if p.pid == self.root.pid else "actors" if cmd.startswith("ray::Worker") else "ray_other"
+                key = "driver" if p.pid == self.root.pid else "actors" if cmd.startswith(ACTOR_TITLES) else "ray_other"
                 self.procs[p.pid] = (p, key)
         self._scanned = time.monotonic()
 
@@ -228,6 +246,7 @@ def run_child(script: str, args: Sequence[str], result: str, extra_env: Optional
                TQDM_DISABLE="1", OMP_NUM_THREADS=str(os.cpu_count()), PYTHONPATH=REPO, TORCH_EXTENSIONS_DIR=EXTENSIONS,
                **(extra_env or {}))
     log = open(result + ".log", "w")
+    launched_at = time.time()  # the child reports when its first step began (`first_step_at`, Unix time)
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     rss = TreeRSS(proc.pid)
@@ -241,6 +260,8 @@ def run_child(script: str, args: Sequence[str], result: str, extra_env: Optional
             raise RuntimeError(f"{script} {' '.join(args)} failed ({code}):\n{fh.read()[-4000:]}")
     with open(result) as fh:
         out = json.load(fh)
+    if out.get("first_step_at"):
+        out["startup_s"] = out["first_step_at"] - launched_at  # the command to the first step's start
     return dict(out, wall_s=wall, peak_rss=peak, load=load)
 
 
@@ -294,25 +315,32 @@ def spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
     return f"{mid} ({lo}-{hi}, n={len(values)})"
 
 
-def machine() -> Dict[str, str]:
+def machine() -> Dict[str, object]:
+    """The machine and versions: {"machine": one line, "versions": one line, "cpu": {model, bf16 flags, ...},
+    "cores", "ram_gib", "python", "packages": {name: version}}."""
     from importlib.metadata import PackageNotFoundError, version
 
     import psutil
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    vers = []
+    from align.precision import describe_cpu
+
+    cpu = describe_cpu()
+    if cpu["model"] == "unknown CPU":
+        cpu["model"] = platform.processor() or platform.machine()
+    packages = {}
     for name in ("torch", "transformers", "deepspeed", "ray", "datasets", "trl", "accelerate"):
         try:
-            vers.append(f"{name} {version(name)}")
+            packages[name] = version(name)
         except PackageNotFoundError:
-            vers.append(f"{name} -")
-    return {"machine": f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-                       f"Python {platform.python_version()}", "versions": ", ".join(vers)}
+            packages[name] = None
+    bf16 = (f"bf16 hardware ({', '.join(cpu['bf16_flags'])})" if cpu["bf16_flags"]
+            else "no bf16 hardware (no amx_bf16/avx512_bf16)")
+    ram = psutil.virtual_memory().total / 2**30
+    return {"machine": f"{cpu['model']}, {os.cpu_count()} cores, {bf16}, {ram:.0f} GiB RAM, "
+                       f"Python {platform.python_version()}",
+            "versions": ", ".join(f"{k} {v or '-'}" for k, v in packages.items()),
+            "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1), "python": platform.python_version(),
+            "packages": packages}
 
 
 def load_line() -> str:
@@ -325,6 +353,23 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def ratios(values: Dict[str, Dict[str, float]], keys: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{variant: {peer: {key: variant's value / peer's}}} for every other variant (None where undefined)."""
+    return {v: {w: {k: (round(values[v][k] / values[w][k], 4) if values[v].get(k) is not None and values[w].get(k)
+                        else None) for k in keys}
+                for w in values if w != v} for v in values}
+
+
+def write_json(stage: str, data: dict) -> str:
+    """benchmarks/results/<stage>.json, beside the Markdown: what a script compares across reruns."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{stage}.json")
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+    return path
 
 
 def write_result(stage: str, text: str) -> str:

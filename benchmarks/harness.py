@@ -1,5 +1,9 @@
 """The side-by-side driver every bench_<stage>.py uses: one command runs alternating repetitions
-of our stage and of TRL's trainer, each in a fresh process, and writes benchmarks/results/<stage>.md.
+of our stage and of TRL's trainer, each in a fresh process, and writes benchmarks/results/<out>.md
+and, beside it, <out>.json: per variant tokens_per_s, peak_pss_mib (whole process tree), startup_s
+(the command to the first step's start), wall_s and their ratios against every other variant, with
+the model, settings, CPU kind (model name, bf16 flags), versions and date, for scripts to compare
+reruns. `--model` chooses the model of every variant (default builtin:tiny-30m).
 
 A benchmark module supplies a `Stage`: which data split, how to run each variant in a child
 process (returning per-step losses and step times, plus TRL's token ids), and how many
@@ -38,8 +42,8 @@ def run_ours(a, run, cfg) -> dict:
     """Runs our stage (`run(cfg)`) as variant `a.child`; returns its per-step metrics."""
     if a.child == "ours-padded":
         cfg.model.padding_free = False
-    run(cfg, reuse=False)
-    return C.our_metrics(cfg.run_dir)
+    summary = run(cfg, reuse=False)
+    return dict(C.our_metrics(cfg.run_dir), first_step_at=summary.get("first_step_at"))
 
 
 @dataclass
@@ -69,6 +73,7 @@ def clock_callback():
 
         def on_train_begin(self, *args, **kwargs):
             self.marks = [time.perf_counter()]
+            self.first_step_at = time.time()  # TRL's reference pass (precompute) is done by now
 
         def on_step_end(self, *args, **kwargs):
             self.marks.append(time.perf_counter())
@@ -104,7 +109,7 @@ def trl_train(a, trainer, clock, ids) -> dict:
     trainer.train()
     trainer.save_model(os.path.join(a.tmp, "model"))
     return {"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h], "step_s": clock.step_s(),
-            "ids": ids}
+            "ids": ids, "first_step_at": clock.first_step_at}
 
 
 def model_params(model_dir: str) -> int:
@@ -114,7 +119,8 @@ def model_params(model_dir: str) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) -> str:
+def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before):
+    """(Markdown, {variant: measures}) of a finished run."""
     variants = list(res)
     base = next((v for v in variants if v.startswith("trl")), "ours")  # ratios are to TRL
     steady = {v: [C.steady(r["step_s"], tokens["real"]) for r in res[v]] for v in variants}
@@ -128,7 +134,7 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
 
     best = {v: max(n / t for r in res[v] for n, t in zip(tokens["real"][w:], r["step_s"][w:])) for v in variants}
     cols = [["", "tokens/s, steady (median (min-max))", "tokens/s of the fastest steady step (least load-bound)",
-             "step s", "end-to-end wall s",
+             "step s", "end-to-end wall s", "start-up s (command to the first step's start)",
              "wall outside steps s (imports, start-up, ref pass, save, shutdown)",
              "peak RSS MiB of the training process (our actor; TRL's process)", "peak PSS MiB: driver + actors",
              "peak PSS MiB: whole tree (+ Ray daemons, idle workers)", "MFU (median tokens/s)",
@@ -141,7 +147,9 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
         cols.append([
             st.labels[v], C.spread(tps[v]), f"{best[v]:.0f} ({best[v] / best[base]:.2f} x TRL's)",
             C.spread([s["step_s"] for s in steady[v]], "{:.2f}"),
-            C.spread([r["wall_s"] for r in res[v]]), C.spread([r["wall_s"] - sum(r["step_s"]) for r in res[v]]),
+            C.spread([r["wall_s"] for r in res[v]]),
+            C.spread([r["startup_s"] for r in res[v]], "{:.1f}") if all(r.get("startup_s") for r in res[v]) else "-",
+            C.spread([r["wall_s"] - sum(r["step_s"]) for r in res[v]]),
             C.spread([r["peak_rss"]["train_rss"] / C.MIB for r in res[v]]),
             C.spread([r["peak_rss"]["driver+actors"] / C.MIB for r in res[v]]),
             C.spread([r["peak_rss"]["tree"] / C.MIB for r in res[v]]),
@@ -172,8 +180,8 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
     pad = 1 - sum(tokens["real"]) / sum(tokens["padded"])
     compared = st.loss_steps or a.steps
     diffs = [abs(x - y) for v in variants for r in res[v] for x, y in zip(r["loss"][:compared], res["ours"][0]["loss"])]
-    lines.append(f"- Every variant's per-step losses (steps 1..{compared}) within {LOSS_TOL:g} of ours: "
-                 f"{max(diffs) <= LOSS_TOL} (max abs difference {max(diffs):.1e}).")
+    lines.append(f"- Every variant's per-step losses (steps 1..{compared}) within {a.loss_tol:g} of ours: "
+                 f"{max(diffs) <= a.loss_tol} (max abs difference {max(diffs):.1e}).")
     lines += [f"- Loss spread across repetitions (max abs): "
               + ", ".join(f"{st.labels[v]} {repro[v]:.1e}" for v in variants) + ".",
               f"- Padding: TRL pads each micro-batch to its longest row, so {pad:.0%} of the token positions it "
@@ -184,7 +192,34 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before) ->
               + f". Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
               f"threads, best of 5 timed before and after the runs); 1-minute load before {load_before}, "
               f"after {C.load_line()}."]
-    return "\n".join(lines)
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 3) if xs else None
+
+    measures = {v: {"tokens_per_s": med(tps[v]), "peak_pss_mib": med([r["peak_rss"]["tree"] / C.MIB for r in res[v]]),
+                    "startup_s": med([r.get("startup_s") for r in res[v]]), "wall_s": med([r["wall_s"] for r in res[v]])}
+                for v in variants}
+    ratio = C.ratios(measures, list(measures[variants[0]]))
+    out = {v: {"label": st.labels[v], **measures[v], "ratios": ratio[v],
+               "tokens_per_s_runs": [round(x, 1) for x in tps[v]],
+               "tokens_per_s_fastest_step": round(best[v], 1),
+               "step_s": med([s["step_s"] for s in steady[v]]),
+               "peak_pss_mib_driver_actors": med([r["peak_rss"]["driver+actors"] / C.MIB for r in res[v]]),
+               "peak_rss_mib_training_process": med([r["peak_rss"]["train_rss"] / C.MIB for r in res[v]]),
+               "mfu": round(C.mfu(params, statistics.median(tps[v]), peak, st.no_grad_forwards.get(v, 0)), 4),
+               "executed_flop_utilization": round(C.mfu(params, statistics.median(positions_per_s(v)), peak,
+                                                        st.no_grad_forwards.get(v, 0)), 4),
+               "loss": res[v][0]["loss"],
+               "max_abs_loss_diff_vs_ours": (max(abs(x - y) for x, y in zip(res[v][0]["loss"][:compared],
+                                                                             res["ours"][0]["loss"]))
+                                             if "ours" in res and v != "ours" else None),
+               "load": [round(r["load"], 2) for r in res[v]]}
+           for v in variants}
+    checks = {"same_token_ids": same_ids, "loss_tolerance": a.loss_tol, "losses_within_tolerance": max(diffs) <= a.loss_tol,
+              "max_abs_loss_diff": max(diffs), "padding_fraction": round(pad, 4), "params": params,
+              "peak_matmul_gflops_fp32": round(peak / 1e9, 1)}
+    return "\n".join(lines), {"variants": out, "checks": checks}
 
 
 def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: str = "") -> None:
@@ -196,16 +231,26 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     p.add_argument("--out", default=st.name, help="results file stem (benchmarks/results/OUT.md)")
     p.add_argument("--report-only", action="store_true", help="rewrite OUT.md from the last run's raw results")
     p.add_argument("--child", choices=list(st.children))
-    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--tmp")
+    p.add_argument("--model", help=f"the model of every variant (default {C.MODEL}); e.g. "
+                                   "builtin:smollm2-135m-instruct, or a model folder")
+    p.add_argument("--max-length", type=int, default=C.MAX_LENGTH, help="tokens per sequence, prompt included")
+    p.add_argument("--max-prompt-length", type=int, default=C.MAX_PROMPT_LENGTH)
+    p.add_argument("--loss-tol", type=float, help="per-step loss agreement asked of every variant (default "
+                                                  "1e-5 on builtin:tiny-*, 1e-4 on a real model)")
+    p.add_argument("--data"), p.add_argument("--tmp")
     a = p.parse_args()
+    C.MAX_LENGTH, C.MAX_PROMPT_LENGTH = a.max_length, a.max_prompt_length
     if a.child:
         out = st.children[a.child](a)
         with open(os.path.join(a.tmp, "result.json"), "w") as fh:
             json.dump(out, fh)
         return
     started, load_before = time.perf_counter(), C.load_line()
+    a.model = a.model or C.MODEL
+    if a.loss_tol is None:
+        a.loss_tol = LOSS_TOL if a.model.startswith("builtin:tiny") else 1e-4
     rows = a.steps * a.micro_batch
-    paths = C.prepare(st.split, rows, scalar=st.scalar)
+    paths = C.prepare(st.split, rows, scalar=st.scalar, model=a.model)
     seqs = C.our_tokens(st.kind, paths["data"], paths["model"])
     order = C.batch_order(rows, a.micro_batch, a.steps)
     prompts = C.our_prompt_lengths(paths["data"], paths["model"]) if st.shares_prompts else None
@@ -223,13 +268,14 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
         for v in (variants if rep % 2 == 0 else variants[::-1]):
             tmp = tempfile.mkdtemp(dir=C.WORK, prefix=f"{st.name}-{v}-")
             args = ["--child", v, "--model", paths["model"], "--data", paths["data"], "--tmp", tmp,
-                    "--steps", str(a.steps), "--micro-batch", str(a.micro_batch)]
+                    "--steps", str(a.steps), "--micro-batch", str(a.micro_batch),
+                    "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length)]
             r = C.run_child(script, args, os.path.join(tmp, "result.json"), st.env.get(v))
             if "ids" in r:  # flattened; the report compares them with our tokenization
                 r["ids"] = [s for row in r["ids"] for s in row]
             res[v].append(r)
             with open(os.path.join(C.WORK, f"{a.out}-raw.json"), "w") as fh:  # --report-only reads it
-                json.dump({"res": res, "peak": peak, "load_before": load_before,
+                json.dump({"res": res, "peak": peak, "load_before": load_before, "model": a.model,
                            "elapsed": time.perf_counter() - started}, fh)
             print(f"rep {rep + 1} {v}: {C.steady(r['step_s'], tokens['real'])['tokens_per_s']:.0f} tokens/s, "
                   f"wall {r['wall_s']:.0f} s, load {C.load_line()}", flush=True)
@@ -238,16 +284,28 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
         peak = max(peak, C.peak_flops())  # the best seen before and after: load lowers it, not raises it
         elapsed = time.perf_counter() - started
     m = C.machine()
+    command = (f".venv/bin/python benchmarks/bench_{st.name}.py --model {a.model} --steps {a.steps} "
+               f"--micro-batch {a.micro_batch} --max-length {a.max_length} --max-prompt-length {a.max_prompt_length} "
+               f"--reps {a.reps} --variants {a.variants}")
+    body, measured = report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = "\n".join([
         f"# {st.title}", "",
-        f"`.venv/bin/python benchmarks/bench_{st.name}.py --steps {a.steps} --micro-batch {a.micro_batch} "
-        f"--reps {a.reps} --variants {a.variants}` ({elapsed:.0f} s in all)", "",
+        f"`{command}` ({elapsed:.0f} s in all; {date})", "",
         f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
-        f"{st.settings} builtin:tiny-30m saved once, fp32, {a.steps} steps, micro-batch {a.micro_batch}, "
-        f"max_length {C.MAX_LENGTH}, AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
+        f"{st.settings} {a.model} saved once, fp32, {a.steps} steps, micro-batch {a.micro_batch}, "
+        f"max_length {C.MAX_LENGTH} (prompt {C.MAX_PROMPT_LENGTH}), AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
         f"in both; {a.reps} repetitions, alternating order; steady state = steps {C.WARMUP_STEPS + 1}..{a.steps}. Memory: psutil, the "
         "run's process tree sampled every 2 s, peak RSS from the kernel's high-water mark; PSS splits shared pages (Ray's "
         "object store, libraries) between the processes mapping them, so the sums are not inflated.", "",
-        report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)])
+        body])
     print(text)
     print("wrote", C.write_result(a.out, text))
+    print("wrote", C.write_json(a.out, {
+        "benchmark": st.name, "title": st.title, "command": command, "date": date, "elapsed_s": round(elapsed, 1),
+        "model": a.model, "settings": {"steps": a.steps, "micro_batch": a.micro_batch, "max_length": a.max_length,
+                                       "max_prompt_length": a.max_prompt_length, "reps": a.reps, "precision": "fp32",
+                                       "lr": LR, "seed": C.SEED, "torch_threads": os.cpu_count(),
+                                       "steady_steps_from": C.WARMUP_STEPS + 1},
+        "machine": {k: m[k] for k in ("cpu", "cores", "ram_gib", "python")}, "versions": m["packages"],
+        "load_1min": {"before": load_before, "after": C.load_line()}, **measured}))

@@ -37,6 +37,7 @@ from align.config import ConfigError, RayConfig, TrackingConfig, load_config
 from align.data.prepare import check_data, check_models, prepare_stage
 from align.errors import cli_main
 from align.evaluation import EvalConfig
+from align.precision import apply_precision_policy
 from align.run import RunDir, read_json
 from launch.cli import STAGES, config_class
 from launch.report import evaluate_and_report, print_summary
@@ -327,6 +328,7 @@ def check_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), only: Op
         cfg = stage_config(pipe, name, models, per_stage[name])
         if only is not None and name != only:
             continue
+        apply_precision_policy(cfg)  # bf16 without bf16 hardware: one line, or a config error, now
         check_models(cfg, skip=tuple(pipe.stages[name].inputs))
         check_data(cfg)
 

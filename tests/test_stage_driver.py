@@ -66,6 +66,8 @@ def test_cadence_logs_summary_and_done(tmp_path):
     assert summary["final_train"] == {"loss": 0.2, "tokens": 10.0}  # numbers only
     assert summary["final_eval"] == {"eval/x": 1.0} and summary["extra"] == 7
     assert summary["model_dir"] == os.path.join(str(tmp_path), "model")
+    # Start-up (the driver's own, up to the first step) is part of the wall time.
+    assert 0 <= summary["startup_s"] <= summary["wall_time_s"] and summary["first_step_at"] > 1.7e9
     with open(tmp_path / "DONE.json") as fh:
         done = json.load(fh)
     assert done["steps"] == 5 and done["extra"] == 7 and done["data_fingerprint"] == "fp"
