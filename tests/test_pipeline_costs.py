@@ -19,15 +19,14 @@ def _dpo(run_dir, quick):
 def test_resumed_run_counts_the_whole_training(ray_session, quick, tmp_path):
     from direct import dpo as trainer
 
-    whole = trainer.run(_dpo(tmp_path / "whole", quick), reuse=False)
+    cfg = _dpo(tmp_path / "dpo", quick)
+    whole = trainer.run(cfg, reuse=False)
     assert whole["cost_segments"] == 1
-    per_step = [m["tokens"] for m in map(json.loads, open(tmp_path / "whole" / "metrics.jsonl")) if "tokens" in m and "loss" in m]
+    per_step = [m["tokens"] for m in map(json.loads, open(tmp_path / "dpo" / "metrics.jsonl")) if "tokens" in m and "loss" in m]
     assert len(per_step) == 6 and whole["train_tokens"] == sum(per_step)
 
-    # A run killed after its step-2 checkpoint: what it did later (steps 3-6, the step-4
-    # checkpoint, the export) is lost, and the rerun resumes at step 3.
-    cfg = _dpo(tmp_path / "killed", quick)
-    trainer.run(cfg, reuse=False)
+    # The same run, as if killed after its step-2 checkpoint: what it did later (steps 3-6, the
+    # step-4 checkpoint, the export) is lost, and the rerun resumes at step 3.
     for lost in ("DONE.json", "model", "checkpoints/step4"):
         path = os.path.join(cfg.run_dir, lost)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
