@@ -83,3 +83,26 @@ def sft_model_dir(sft_summary):
 def quick():
     """`quick(run_dir, **overrides)` -> list of key=value overrides for a tiny, fast stage."""
     return quick_overrides
+
+
+# The longest modules (seconds on 2 quiet cores), started first so that the two xdist workers
+# (`--dist loadscope`: a module stays on one worker) finish together instead of one waiting on a
+# long module that was collected last.
+LONGEST_FIRST = (
+    "tests/test_pipeline_e2e.py",
+    "tests/rlhf/test_ppo_stage.py",
+    "tests/test_pipeline_sweeps.py",
+    "tests/rlhf/test_grpo_stage.py",
+    "tests/engine/test_parity.py",
+    "tests/models/test_lora.py",
+    "tests/errors/test_runtime_errors.py",
+    "tests/direct/test_dpo_stage.py",
+    "tests/rlhf/test_lora_ppo.py",
+    "tests/errors/test_user_errors.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = str(config.rootpath) + "/"
+    items.sort(key=lambda item: rank.get(str(item.path).replace(root, "", 1), len(rank)))
