@@ -74,18 +74,24 @@ def test_summarize_rows_and_table():
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/pipeline/*.yaml")))
 def test_shipped_pipelines_resolve_every_stage(path):
     """Every stage of every shipped pipeline (the real-model one too) resolves to a valid config,
-    with its inputs wired to the upstream stage's exported model."""
-    from launch.pipeline import stage_config
+    with its inputs wired to the upstream stage's exported model, or to a file it writes
+    (`label/pairs` -> data.train = [{path: <run_dir>/data/pairs.jsonl}])."""
+    from launch.pipeline import input_paths, stage_config
 
     pipe = load_config(PipelineConfig, path)
     names = order(pipe.stages)
-    models = {n: f"/models/{n}" for n in names}
+    upstream = {n: (f"/models/{n}/model", None) for n in names}
     for name in names:
-        cfg = stage_config(pipe, name, models)
+        paths = input_paths(name, pipe.stages[name], upstream)
+        cfg = stage_config(pipe, name, paths)
         assert cfg.run_dir.endswith(name) and cfg.tracking.group == pipe.name
-        for key, upstream in pipe.stages[name].inputs.items():
+        for key, value in pipe.stages[name].inputs.items():
             obj = cfg
             for part in key.split("."):
                 obj = getattr(obj, part)
-            assert obj == models[upstream], (name, key)
+            stage, _, out = value.partition("/")
+            if out:
+                assert [s.path for s in obj] == [f"/models/{stage}/data/{out}.jsonl"], (name, key)
+            else:
+                assert obj == f"/models/{stage}/model", (name, key)
     assert pipe.evaluation.baseline in names
