@@ -121,26 +121,27 @@ def upstreams(spec: StageSpec) -> List[str]:
     return [value.partition("/")[0] for value in spec.inputs.values()]
 
 
-def input_paths(name: str, spec: StageSpec, upstream: Dict[str, Tuple[str, Optional[Dict[str, str]]]]) -> Dict[str, str]:
-    """Each input value of stage `name` -> its path, from upstream stage -> (model dir, outputs).
-
-    Outputs None: the stage has not run, so its files are predicted where a data stage writes
-    them (<run_dir>/data/<output>.jsonl, reward_model/label.py), for the checks before any start.
-    """
+def input_paths(name: str, spec: StageSpec, upstream: Dict[str, Tuple[str, Dict[str, str]]]) -> Dict[str, str]:
+    """Each input value of stage `name` -> its path, from upstream stage -> (model dir, outputs)."""
     paths = {}
     for key, value in spec.inputs.items():
         stage, _, out = value.partition("/")
         model, outputs = upstream[stage]
-        if not out:
-            paths[value] = model
-        elif outputs is None:
-            paths[value] = os.path.join(os.path.dirname(model), "data", f"{out}.jsonl")
-        elif out in outputs:
-            paths[value] = outputs[out]
-        else:
-            raise ConfigError(f"stages.{name}.inputs.{key}: stage {stage!r} wrote no output {out!r}; "
+        if out and out not in outputs:
+            raise ConfigError(f"stages.{name}.inputs.{key}: stage {stage!r} writes no output {out!r}; "
                               f"its outputs are {sorted(outputs)}")
+        paths[value] = outputs[out] if out else model
     return paths
+
+
+def predicted_upstream(pipe: PipelineConfig, name: str, run_dir: str) -> Tuple[str, Dict[str, str]]:
+    """(model dir, outputs) that stage `name` will have in `run_dir`, for the checks before any
+    stage starts: its export folder, and the files its module declares (OUTPUTS at output_path,
+    e.g. reward_model/label.py's pairs, binary, rankings)."""
+    kind = pipe.stages[name].stage
+    module = importlib.import_module(STAGES[kind][0]) if kind in STAGES else None
+    outputs = {out: module.output_path(run_dir, out) for out in getattr(module, "OUTPUTS", ())}
+    return os.path.join(run_dir, "model"), outputs
 
 
 def _input_override(cls, key: str, value: str, path: str) -> str:
@@ -302,8 +303,9 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
     if expanded:  # every member's config first: a bad value fails that member before any start-up
         for name in names:
             for m in members[name]:
-                predicted = {u: (os.path.join(pipe.run_root, u, upstream_member(members, m, u).label or "", "model"),
-                                 None) for u in upstreams(pipe.stages[name])}
+                predicted = {u: predicted_upstream(pipe, u, os.path.join(pipe.run_root, u,
+                                                                         upstream_member(members, m, u).label or ""))
+                             for u in upstreams(pipe.stages[name])}
                 try:
                     stage_config(pipe, name, input_paths(name, pipe.stages[name], predicted), per_stage[name], m)
                 except ConfigError as err:
@@ -363,7 +365,7 @@ def check_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), only: Op
     if only is not None and only not in names:
         raise ConfigError(f"--only: no stage named {only!r}; stages are {names}")
     per_stage = {n: [o.split(".", 1)[1] for o in overrides if o.startswith(n + ".")] for n in names}
-    predicted = {n: (os.path.join(pipe.run_root, n, "model"), None) for n in names}  # RunDir(run_dir).model
+    predicted = {n: predicted_upstream(pipe, n, os.path.join(pipe.run_root, n)) for n in names}
     for name in names:
         paths = input_paths(name, pipe.stages[name], predicted)
         cfg = stage_config(pipe, name, paths, per_stage[name])

@@ -76,11 +76,11 @@ def test_shipped_pipelines_resolve_every_stage(path):
     """Every stage of every shipped pipeline (the real-model one too) resolves to a valid config,
     with its inputs wired to the upstream stage's exported model, or to a file it writes
     (`label/pairs` -> data.train = [{path: <run_dir>/data/pairs.jsonl}])."""
-    from launch.pipeline import input_paths, stage_config
+    from launch.pipeline import input_paths, predicted_upstream, stage_config
 
     pipe = load_config(PipelineConfig, path)
     names = order(pipe.stages)
-    upstream = {n: (f"/models/{n}/model", None) for n in names}
+    upstream = {n: predicted_upstream(pipe, n, f"/models/{n}") for n in names}
     for name in names:
         paths = input_paths(name, pipe.stages[name], upstream)
         cfg = stage_config(pipe, name, paths)
@@ -95,3 +95,30 @@ def test_shipped_pipelines_resolve_every_stage(path):
             else:
                 assert obj == f"/models/{stage}/model", (name, key)
     assert pipe.evaluation.baseline in names
+
+
+def test_inputs_name_an_upstream_model_or_one_of_its_files():
+    from launch.pipeline import input_paths, predicted_upstream
+
+    spec = StageSpec(stage="dpo", inputs={"model.name_or_path": "label", "data.train": "label/pairs"})
+    assert order({"dpo": spec, "label": StageSpec(stage="label")}) == ["label", "dpo"]
+    upstream = {"label": ("builtin:tiny-1m", {"pairs": "/r/label/data/pairs.jsonl"})}
+    assert input_paths("dpo", spec, upstream) == {"label": "builtin:tiny-1m", "label/pairs": "/r/label/data/pairs.jsonl"}
+    # before any stage runs, a misspelt output is one line naming the key
+    pipe = PipelineConfig(stages={"label": StageSpec(stage="label"), "dpo": spec})
+    assert predicted_upstream(pipe, "label", "/r/label") == ("/r/label/model", {
+        name: f"/r/label/data/{name}.jsonl" for name in ("pairs", "binary", "rankings")})
+    bad = StageSpec(stage="dpo", inputs={"data.train": "label/pairz"})
+    with pytest.raises(ConfigError, match=r"stages.dpo.inputs.data.train: stage 'label' writes no output 'pairz'"):
+        input_paths("dpo", bad, {"label": predicted_upstream(pipe, "label", "/r/label")})
+
+
+def test_label_config_errors_name_the_key():
+    from reward_model.label import LabelConfig
+
+    with pytest.raises(ConfigError, match="samples_per_prompt: needs at least 2"):
+        load_config(LabelConfig, "configs/label/default.yaml", ["samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="reward_model: reward.fns has a 'reward_model' term"):
+        load_config(LabelConfig, "configs/label/default.yaml", ["reward.fns=[{fn: reward_model}]"])
+    with pytest.raises(ConfigError, match="data.eval: the label stage samples data.train's prompts only"):
+        load_config(LabelConfig, "configs/label/default.yaml", ["data.eval_fraction=0.1"])
