@@ -14,6 +14,8 @@ them as extras), and the stage writes, under `<run_dir>/data/`:
                     (label false) as unpaired rows (KTO)
     rankings.jsonl  {prompt, responses, scores}: every distinct response with its score (a reward
                     model on all pairs, with `data.ties: strict_pairs`)
+    samples.jsonl   {prompt, responses, scores}: all K samples of every prompt, as sampled and
+                    scored, dropped prompts included (to read what the model wrote)
 
 A prompt whose scores are all equal carries no preference: it is dropped and counted
 (`label/dropped_tied`); responses the data layer would reject (empty, undecodable) and repeats
@@ -39,13 +41,14 @@ from align.config import ConfigError, DataConfig, SourceConfig, StageConfig, che
 from align.data.errors import RowProblem
 from align.data.formats import check_text
 from align.engine import deepspeed_engine as de
+from align.errors import UserError
 from align.generation import SamplingConfig, groups, sample_per_prompt
 from align.models.builders import build_causal_lm, build_tokenizer
 from align.stage import StageWorker, load_tokenized, model_inputs, run_recipe, stage_main
 from reward_model.labellers import best_and_worst
 from reward_model.rewards import REWARD_MODEL, RewardConfig, RewardTerm, build_reward
 
-OUTPUTS = ("pairs", "binary", "rankings")
+OUTPUTS = ("pairs", "binary", "rankings", "samples")
 
 
 def output_path(run_dir: str, name: str) -> str:
@@ -95,6 +98,7 @@ def label_rows(prompts: Sequence[Any], responses: Sequence[Sequence[str]],
     out: Dict[str, List[dict]] = {name: [] for name in OUTPUTS}
     counts = {"prompts": len(prompts), "dropped_tied": 0, "invalid_responses": 0, "repeated_responses": 0}
     for prompt, texts, values in zip(prompts, responses, scores):
+        out["samples"].append({"prompt": prompt, "responses": list(texts), "scores": list(values)})
         kept: Dict[str, float] = {}
         for text, value in zip(texts, values):
             if not _valid_text(text):
@@ -218,6 +222,11 @@ class LabelWorker(StageWorker):
             for name in OUTPUTS:
                 write_jsonl(output_path(self.cfg.run_dir, name), self.files[name])
         de.barrier_if_distributed()
+        if not self.files["pairs"]:  # samples.jsonl is written: it shows what the model wrote
+            raise UserError(f"label: none of the {len(self.files['samples'])} prompts got two different scores "
+                            f"from its {self.cfg.samples_per_prompt} samples, so there is no preference to write "
+                            f"(see {output_path(self.cfg.run_dir, 'samples')}); raise samples_per_prompt or "
+                            "sampling.temperature, or use a finer reward")
 
 
 def _mean(values: Sequence[float]) -> float:

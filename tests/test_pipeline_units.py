@@ -107,7 +107,7 @@ def test_inputs_name_an_upstream_model_or_one_of_its_files():
     # before any stage runs, a misspelt output is one line naming the key
     pipe = PipelineConfig(stages={"label": StageSpec(stage="label"), "dpo": spec})
     assert predicted_upstream(pipe, "label", "/r/label") == ("/r/label/model", {
-        name: f"/r/label/data/{name}.jsonl" for name in ("pairs", "binary", "rankings")})
+        name: f"/r/label/data/{name}.jsonl" for name in ("pairs", "binary", "rankings", "samples")})
     bad = StageSpec(stage="dpo", inputs={"data.train": "label/pairz"})
     with pytest.raises(ConfigError, match=r"stages.dpo.inputs.data.train: stage 'label' writes no output 'pairz'"):
         input_paths("dpo", bad, {"label": predicted_upstream(pipe, "label", "/r/label")})

@@ -36,6 +36,7 @@ def test_label_rows_pairs_best_and_worst_and_drops_ties():
     assert [(r["completion"], r["label"]) for r in files["binary"]] == [("x", True), ("y", False), ("v", True),
                                                                         ("u", False)]
     assert files["rankings"][1] == {"prompt": "c", "responses": ["u", "v", "w"], "scores": [0.0, 1.0, 1.0]}
+    assert [r["prompt"] for r in files["samples"]] == ["a", "b", "c"] and files["samples"][0]["scores"][2] == 2.0
 
 
 @pytest.fixture(scope="module")
