@@ -46,7 +46,7 @@ from direct.losses import PAIRWISE_LOSSES, LossSpec, pairwise_loss, plackett_luc
 from direct.ref_cache import lookup
 from direct.reference import DirectConfig, cached_reference, check_model_exists, run_inputs, uses_adapter_reference, \
     with_index
-from reward_model.labellers import LABELLERS, make_labeller
+from reward_model.labellers import LABELLERS, best_and_worst, make_labeller
 
 PAIR_PARTS = ("chosen", "rejected")
 PAIR_TOKENS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -306,8 +306,9 @@ class DPOWorker(StageWorker):
         scores = self.labeller([m for m in rows["messages"] for _ in range(k)], out.texts)
         pairs = []
         for group in groups(range(len(scores)), k):
-            best, worst = max(group, key=lambda j: scores[j]), min(group, key=lambda j: scores[j])
-            if scores[best] > scores[worst]:  # ties carry no preference
+            picked = best_and_worst([scores[j] for j in group])
+            if picked is not None:  # ties carry no preference
+                best, worst = group[picked[0]], group[picked[1]]
                 pairs.append((out.prompt_ids[best], out.response_ids[best], out.response_ids[worst]))
         if dist.is_initialized() and world > 1:
             shares: List = [None] * world

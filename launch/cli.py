@@ -1,6 +1,6 @@
 """`align-run STAGE [--config FILE] [key=value ...]`: run one stage, or `main`, the default job.
 
-Stages: sft, reward_model, dpo, kto, ppo (each also runs as `python -m <module>`).
+Stages: sft, reward_model, dpo, kto, ppo, and label (preference data from a model's own samples; each also runs as `python -m <module>`).
 A mistake in the config, the data or a model path prints one line, `error: ...`, and exits 2
 before anything starts; a failure while running exits 1; Ctrl-C stops every actor and exits 130.
 """
@@ -20,6 +20,8 @@ STAGES = {
     "dpo": ("direct.dpo", "configs/dpo/default.yaml", "DPOConfig"),
     "kto": ("direct.kto", "configs/kto/default.yaml", "KTOConfig"),
     "ppo": ("rlhf.ppo", "configs/ppo/default.yaml", "PPOConfig"),
+    # not a training stage: samples, scores and writes preference data (reward_model/label.py)
+    "label": ("reward_model.label", "configs/label/default.yaml", "LabelConfig"),
 }
 
 

@@ -3,7 +3,8 @@
     align-pipeline --config configs/pipeline/default.yaml [--from STAGE] [--only STAGE] [key=value ...]
 
 A pipeline config names its stages, each with its own config (a file, plus overrides), the
-stages it starts from (`inputs`: a config key set to an upstream stage's exported model), and
+stages it starts from (`inputs`: a config key set to an upstream stage's exported model, or to a
+file it wrote, `label/pairs`), and
 settings shared by every stage (`shared`: model, data, seed, tracking, ray). Stages run in
 dependency order, each in `<run_root>/<stage>`; a finished stage whose config, data and inputs
 hash the same is reused. Then every policy is evaluated on the same prompts (align.evaluation)
@@ -33,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from omegaconf import ListConfig, OmegaConf
+
 from align.config import ConfigError, RayConfig, TrackingConfig, load_config
 from align.data.prepare import check_data, check_models, prepare_stage
 from align.errors import cli_main
@@ -48,13 +51,15 @@ log = logging.getLogger("align.pipeline")
 
 @dataclass
 class StageSpec:
-    # One of launch.cli.STAGES: sft, reward_model, dpo, kto, ppo.
+    # One of launch.cli.STAGES: sft, reward_model, dpo, kto, ppo, label.
     stage: str = "sft"
     # The stage's YAML; defaults to configs/<stage>/default.yaml.
     config: Optional[str] = None
     # Overrides of that config, as a nested mapping (e.g. {optim: {lr: 1e-4}}).
     overrides: Dict[str, Any] = field(default_factory=dict)
-    # Config key -> upstream stage whose exported model it receives (e.g. model.name_or_path: sft).
+    # Config key -> upstream stage whose exported model it receives (e.g. model.name_or_path: sft),
+    # or "<stage>/<output>": a file that stage wrote (e.g. data.train: label/pairs, one of its
+    # summary's `outputs`); a list-of-sources key such as data.train then gets [{path: <file>}].
     inputs: Dict[str, str] = field(default_factory=dict)
     # A policy this stage produces is evaluated and reported under this name (None: not a policy).
     method: Optional[str] = None
@@ -112,6 +117,41 @@ class Member:
         return self.name if self.label is None else f"{self.name}/{self.label}"
 
 
+def upstreams(spec: StageSpec) -> List[str]:
+    """The stages an entry's inputs name: 'sft' -> sft, 'label/pairs' -> label."""
+    return [value.partition("/")[0] for value in spec.inputs.values()]
+
+
+def input_paths(name: str, spec: StageSpec, upstream: Dict[str, Tuple[str, Dict[str, str]]]) -> Dict[str, str]:
+    """Each input value of stage `name` -> its path, from upstream stage -> (model dir, outputs)."""
+    paths = {}
+    for key, value in spec.inputs.items():
+        stage, _, out = value.partition("/")
+        model, outputs = upstream[stage]
+        if out and out not in outputs:
+            raise ConfigError(f"stages.{name}.inputs.{key}: stage {stage!r} writes no output {out!r}; "
+                              f"its outputs are {sorted(outputs)}")
+        paths[value] = outputs[out] if out else model
+    return paths
+
+
+def predicted_upstream(pipe: PipelineConfig, name: str, run_dir: str) -> Tuple[str, Dict[str, str]]:
+    """(model dir, outputs) that stage `name` will have in `run_dir`, for the checks before any
+    stage starts: its export folder, and the files its module declares (OUTPUTS at output_path,
+    e.g. reward_model/label.py's pairs, binary, rankings)."""
+    kind = pipe.stages[name].stage
+    module = importlib.import_module(STAGES[kind][0]) if kind in STAGES else None
+    outputs = {out: module.output_path(run_dir, out) for out in getattr(module, "OUTPUTS", ())}
+    return os.path.join(run_dir, "model"), outputs
+
+
+def _input_override(cls, key: str, value: str, path: str) -> str:
+    """`key=path`; a file for a list-of-sources key (data.train) becomes [{path: <file>}]."""
+    if "/" in value and isinstance(OmegaConf.select(OmegaConf.structured(cls), key), ListConfig):
+        return f"{key}=[{{path: {json.dumps(path)}}}]"
+    return f"{key}={path}"
+
+
 def is_expanded(pipe: PipelineConfig) -> bool:
     return bool(pipe.seeds) or any(spec.sweep for spec in pipe.stages.values())
 
@@ -143,10 +183,10 @@ def expand(pipe: PipelineConfig) -> Dict[str, List[Member]]:
     members: Dict[str, List[Member]] = {}
     for name in order(pipe.stages):
         spec = pipe.stages[name]
-        for upstream in spec.inputs.values():
+        for upstream in upstreams(spec):
             if pipe.stages[upstream].sweep:
                 raise ConfigError(f"stages.{name}.inputs: {upstream!r} is swept; a swept stage cannot feed another stage")
-        seeded_inputs = [u for u in spec.inputs.values() if seeded[u]]
+        seeded_inputs = [u for u in upstreams(spec) if seeded[u]]
         auto = bool(spec.sweep) or (spec.method is not None and name != pipe.evaluation.baseline) or bool(seeded_inputs)
         if spec.seeded is False and seeded_inputs:
             raise ConfigError(f"stages.{name}.seeded: false, but its input {seeded_inputs[0]!r} runs once per seed")
@@ -194,7 +234,7 @@ def order(stages: Dict[str, StageSpec]) -> List[str]:
         if name in visiting:
             raise ConfigError(f"stages: dependency cycle {' -> '.join(path + (name,))}")
         visiting.add(name)
-        for upstream in stages[name].inputs.values():
+        for upstream in upstreams(stages[name]):
             visit(upstream, path + (name,))
         visiting.discard(name)
         done.append(name)
@@ -207,7 +247,8 @@ def order(stages: Dict[str, StageSpec]) -> List[str]:
 def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra: Sequence[str] = (),
                  member: Optional[Member] = None):
     """The resolved config of stage `name` (or of one `member` of it): shared < stage file <
-    stage overrides < the member's sweep values and seed < inputs < command line."""
+    stage overrides < the member's sweep values and seed < inputs < command line. `models` maps
+    each input value to its path (`input_paths`)."""
     spec = pipe.stages[name]
     if spec.stage not in STAGES:
         raise ConfigError(f"stages.{name}.stage: {spec.stage!r} is not one of {sorted(STAGES)}")
@@ -218,7 +259,7 @@ def stage_config(pipe: PipelineConfig, name: str, models: Dict[str, str], extra:
         overrides += [item for key, value in member.values for item in _flatten(key, value)]
         overrides += [f"seed={member.seed}"] if member.seed is not None else []
         run_dir = os.path.join(run_dir, member.label) if member.label else run_dir
-    overrides += [f"{key}={models[upstream]}" for key, upstream in spec.inputs.items()]
+    overrides += [_input_override(cls, key, value, models[value]) for key, value in spec.inputs.items()]
     overrides += [f"run_dir={run_dir}", f"tracking.group={pipe.name}"]
     base = dict(pipe.shared, tracking={**_as_dict(pipe.tracking), **pipe.shared.get("tracking", {})},
                 ray={**_as_dict(pipe.ray), **pipe.shared.get("ray", {})})
@@ -256,37 +297,39 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
     members = expand(pipe) if expanded else {n: [Member(n)] for n in names}
     started = time.time()
     models: Dict[str, str] = {}
+    outputs: Dict[str, Dict[str, str]] = {}  # files a stage wrote (label: pairs, binary, rankings)
     summaries: Dict[str, Dict[str, Any]] = {}
     failed: Dict[str, str] = {}
     info: Dict[str, Dict[str, Any]] = {}
     if expanded:  # every member's config first: a bad value fails that member before any start-up
         for name in names:
             for m in members[name]:
-                predicted = {u: os.path.join(pipe.run_root, u, upstream_member(members, m, u).label or "", "model")
-                             for u in pipe.stages[name].inputs.values()}
+                predicted = {u: predicted_upstream(pipe, u, os.path.join(pipe.run_root, u,
+                                                                         upstream_member(members, m, u).label or ""))
+                             for u in upstreams(pipe.stages[name])}
                 try:
-                    stage_config(pipe, name, predicted, per_stage[name], m)
+                    stage_config(pipe, name, input_paths(name, pipe.stages[name], predicted), per_stage[name], m)
                 except ConfigError as err:
                     _fail(failed, m.key, f"config error: {err}")
     for name in names:
         for m in members[name]:
             if m.key in failed:
                 continue
-            ups = {u: upstream_member(members, m, u).key for u in pipe.stages[name].inputs.values()}
+            ups = {u: upstream_member(members, m, u).key for u in upstreams(pipe.stages[name])}
             lost = [k for k in ups.values() if k not in models]
             if lost:
                 _fail(failed, m.key, f"not run: upstream {lost[0]} failed")
                 continue
             try:
-                cfg = stage_config(pipe, name, {u: models[k] for u, k in ups.items()}, per_stage[name],
-                                   m if expanded else None)
+                paths = input_paths(name, pipe.stages[name], {u: (models[k], outputs[k]) for u, k in ups.items()})
+                cfg = stage_config(pipe, name, paths, per_stage[name], m if expanded else None)
                 info[m.key] = {"name": name, "method": pipe.stages[name].method, "setting": m.setting,
                                "seed": cfg.seed, "seeded": m.seed is not None}
                 if only is not None and name != only:
                     done = read_json(RunDir(cfg.run_dir).done)
                     if done is None:
                         raise ConfigError(f"--only {only}: upstream stage {m.key!r} has not finished in {cfg.run_dir}")
-                    summaries[m.key], models[m.key] = done, done["model_dir"]
+                    summaries[m.key], models[m.key], outputs[m.key] = done, done["model_dir"], done.get("outputs", {})
                     continue
                 module = importlib.import_module(STAGES[pipe.stages[name].stage][0])
                 prepare_stage(cfg)  # its upstream models exist now: check them, tokenize its data
@@ -297,7 +340,7 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
                     raise
                 _fail(failed, m.key, f"{type(err).__name__}: {err}")
                 continue
-            summaries[m.key], models[m.key] = summary, summary["model_dir"]
+            summaries[m.key], models[m.key], outputs[m.key] = summary, summary["model_dir"], summary.get("outputs", {})
             print(f"[pipeline] {m.key}: {'reused' if summary.get('reused') else 'done'} "
                   f"in {summary.get('wall_time_s', 0):.0f} s -> {summary['model_dir']}", flush=True)
     result: Dict[str, Any] = {"stages": summaries, "models": models}
@@ -323,14 +366,15 @@ def check_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), only: Op
     if only is not None and only not in names:
         raise ConfigError(f"--only: no stage named {only!r}; stages are {names}")
     per_stage = {n: [o.split(".", 1)[1] for o in overrides if o.startswith(n + ".")] for n in names}
-    models = {n: os.path.join(pipe.run_root, n, "model") for n in names}  # RunDir(run_dir).model
+    predicted = {n: predicted_upstream(pipe, n, os.path.join(pipe.run_root, n)) for n in names}
     for name in names:
-        cfg = stage_config(pipe, name, models, per_stage[name])
+        paths = input_paths(name, pipe.stages[name], predicted)
+        cfg = stage_config(pipe, name, paths, per_stage[name])
         if only is not None and name != only:
             continue
         apply_precision_policy(cfg)  # bf16 without bf16 hardware: one line, or a config error, now
         check_models(cfg, skip=tuple(pipe.stages[name].inputs))
-        check_data(cfg)
+        check_data(cfg, skip=[path for value, path in paths.items() if "/" in value])  # not written yet
 
 
 def _fail(failed: Dict[str, str], key: str, message: str) -> None:

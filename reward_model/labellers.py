@@ -9,7 +9,7 @@ pair; critic-free RL would use them as rewards).
 from __future__ import annotations
 
 import json
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from align.config import ConfigError
 from align.task import gold_scorer_for
@@ -42,6 +42,15 @@ def make_labeller(kind: str, prompts_path: str, reward_model: Optional[str] = No
         raise ConfigError(f"online.labeller=gold: {prompts_path} has no gold scorer; "
                           "use online.labeller=reward_model or json")
     return lambda prompts, responses: [gold(p[-1]["content"], r) for p, r in zip(prompts, responses)]
+
+
+def best_and_worst(scores: Sequence[float]) -> Optional[Tuple[int, int]]:
+    """(index of the best, index of the worst) of one prompt's scores, the first of equals; None
+    when all are equal, since a tie carries no preference. Online rounds and the label stage
+    (reward_model/label.py) make their pairs with it."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    worst = min(range(len(scores)), key=scores.__getitem__)
+    return (best, worst) if scores[best] > scores[worst] else None
 
 
 def parses_as_json(text: str) -> bool:

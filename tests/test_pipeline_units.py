@@ -74,18 +74,51 @@ def test_summarize_rows_and_table():
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/pipeline/*.yaml")))
 def test_shipped_pipelines_resolve_every_stage(path):
     """Every stage of every shipped pipeline (the real-model one too) resolves to a valid config,
-    with its inputs wired to the upstream stage's exported model."""
-    from launch.pipeline import stage_config
+    with its inputs wired to the upstream stage's exported model, or to a file it writes
+    (`label/pairs` -> data.train = [{path: <run_dir>/data/pairs.jsonl}])."""
+    from launch.pipeline import input_paths, predicted_upstream, stage_config
 
     pipe = load_config(PipelineConfig, path)
     names = order(pipe.stages)
-    models = {n: f"/models/{n}" for n in names}
+    upstream = {n: predicted_upstream(pipe, n, f"/models/{n}") for n in names}
     for name in names:
-        cfg = stage_config(pipe, name, models)
+        paths = input_paths(name, pipe.stages[name], upstream)
+        cfg = stage_config(pipe, name, paths)
         assert cfg.run_dir.endswith(name) and cfg.tracking.group == pipe.name
-        for key, upstream in pipe.stages[name].inputs.items():
+        for key, value in pipe.stages[name].inputs.items():
             obj = cfg
             for part in key.split("."):
                 obj = getattr(obj, part)
-            assert obj == models[upstream], (name, key)
+            stage, _, out = value.partition("/")
+            if out:
+                assert [s.path for s in obj] == [f"/models/{stage}/data/{out}.jsonl"], (name, key)
+            else:
+                assert obj == f"/models/{stage}/model", (name, key)
     assert pipe.evaluation.baseline in names
+
+
+def test_inputs_name_an_upstream_model_or_one_of_its_files():
+    from launch.pipeline import input_paths, predicted_upstream
+
+    spec = StageSpec(stage="dpo", inputs={"model.name_or_path": "label", "data.train": "label/pairs"})
+    assert order({"dpo": spec, "label": StageSpec(stage="label")}) == ["label", "dpo"]
+    upstream = {"label": ("builtin:tiny-1m", {"pairs": "/r/label/data/pairs.jsonl"})}
+    assert input_paths("dpo", spec, upstream) == {"label": "builtin:tiny-1m", "label/pairs": "/r/label/data/pairs.jsonl"}
+    # before any stage runs, a misspelt output is one line naming the key
+    pipe = PipelineConfig(stages={"label": StageSpec(stage="label"), "dpo": spec})
+    assert predicted_upstream(pipe, "label", "/r/label") == ("/r/label/model", {
+        name: f"/r/label/data/{name}.jsonl" for name in ("pairs", "binary", "rankings", "samples")})
+    bad = StageSpec(stage="dpo", inputs={"data.train": "label/pairz"})
+    with pytest.raises(ConfigError, match=r"stages.dpo.inputs.data.train: stage 'label' writes no output 'pairz'"):
+        input_paths("dpo", bad, {"label": predicted_upstream(pipe, "label", "/r/label")})
+
+
+def test_label_config_errors_name_the_key():
+    from reward_model.label import LabelConfig
+
+    with pytest.raises(ConfigError, match="samples_per_prompt: needs at least 2"):
+        load_config(LabelConfig, "configs/label/default.yaml", ["samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="reward_model: reward.fns has a 'reward_model' term"):
+        load_config(LabelConfig, "configs/label/default.yaml", ["reward.fns=[{fn: reward_model}]"])
+    with pytest.raises(ConfigError, match="data.eval: the label stage samples data.train's prompts only"):
+        load_config(LabelConfig, "configs/label/default.yaml", ["data.eval_fraction=0.1"])

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import datasets
 
@@ -122,7 +122,7 @@ def prepare(data_cfg: DataConfig, kind: str, tokenizer, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 # The data kind of each stage's config class, where the config has no `data_kind` field.
-_KIND_OF_CONFIG = {"SFTConfig": "sft", "DPOConfig": "pairwise", "PPOConfig": "prompt"}
+_KIND_OF_CONFIG = {"SFTConfig": "sft", "DPOConfig": "pairwise", "PPOConfig": "prompt", "LabelConfig": "prompt"}
 
 
 def stage_data(cfg: Any) -> List[Tuple[DataConfig, str]]:
@@ -197,11 +197,14 @@ def tokenizer_for(cfg: Any):
                                f"{' '.join(str(err).split())}") from None
 
 
-def check_data(cfg: Any) -> None:
-    """Loads and checks every row the stage reads, without a tokenizer (see `prepare_stage`)."""
+def check_data(cfg: Any, skip: Sequence[str] = ()) -> None:
+    """Loads and checks every row the stage reads, without a tokenizer (see `prepare_stage`);
+    a data config with a source among `skip` (files an upstream stage has yet to write) is left
+    for `prepare_stage`, which runs once they exist."""
     with _quiet_progress():
         for data_cfg, kind in stage_data(cfg):
-            load_splits(data_cfg, kind, cfg.seed)
+            if not any(s.path in skip for s in [*data_cfg.train, *data_cfg.eval]):
+                load_splits(data_cfg, kind, cfg.seed)
 
 
 def prepare_stage(cfg: Any) -> None:
