@@ -47,8 +47,10 @@ def test_real_model_examples_use_zero3_and_bf16():
 
 
 def test_smollm2_lora_pipeline_is_the_smollm2_pipeline_with_lora_in_every_stage():
-    """Every stage resolves with model.lora r=16 on every linear layer; apart from LoRA and the
-    learning rates it is configs/pipeline/smollm2.yaml; its PPO starts no reference and no reward group."""
+    """Every training stage resolves with model.lora r=16 on every linear layer (the label stage
+    trains nothing and takes none); apart from LoRA and the learning rates it is
+    configs/pipeline/smollm2.yaml; its PPO starts no reference and no reward group, its GRPO only
+    the policy."""
     import dataclasses
 
     from launch.pipeline import PipelineConfig, order, stage_config
@@ -58,11 +60,16 @@ def test_smollm2_lora_pipeline_is_the_smollm2_pipeline_with_lora_in_every_stage(
              for p in ("smollm2", "smollm2_lora")}
     names = order(pipes["smollm2"].stages)
     assert order(pipes["smollm2_lora"].stages) == names
-    models = {n: f"/models/{n}" for n in names}
+    assert set(names) == {"sft", "label", "dpo", "kto", "reward_model", "ppo", "grpo"}
+    models = {**{n: f"/models/{n}" for n in names},
+              **{f"label/{out}": f"/data/{out}.jsonl" for out in ("pairs", "binary", "rankings")}}
     for name in names:
         plain, lora = (dataclasses.asdict(stage_config(pipes[p], name, models)) for p in ("smollm2", "smollm2_lora"))
-        assert lora["model"]["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
         assert plain["model"]["lora"]["r"] == 0
+        if name == "label":
+            assert lora == {**plain, "run_dir": lora["run_dir"], "tracking": lora["tracking"]}
+            continue
+        assert lora["model"]["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
         assert lora["optim"]["lr"] > plain["optim"]["lr"]
         for cfg in (plain, lora):
             for key in ("run_dir", "value_lr"):
@@ -71,3 +78,4 @@ def test_smollm2_lora_pipeline_is_the_smollm2_pipeline_with_lora_in_every_stage(
         assert plain == lora, name
     ppo = stage_config(pipes["smollm2_lora"], "ppo", models)
     assert groups_for(ppo) == ("policy", "value")  # the adapters-off policy and value serve reference and reward
+    assert groups_for(stage_config(pipes["smollm2_lora"], "grpo", models)) == ("policy",)
