@@ -231,6 +231,35 @@ class TreeRSS:
         return self.peak
 
 
+def self_rss() -> int:
+    """This process's resident set now (bytes)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class SelfPeakRSS:
+    """`with SelfPeakRSS() as m: ...` samples this process's RSS every `interval` s while the block
+    runs; `m.start` is the RSS on entry, `m.peak` the highest seen (the in-process memory scripts)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self._stop = interval, threading.Event()
+
+    def __enter__(self) -> "SelfPeakRSS":
+        self.start = self.peak = self_rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self_rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self_rss())
+
+
 def _peak_rss(pid: int) -> int:
     """VmHWM of a process (bytes), 0 when unreadable."""
     try:

@@ -22,7 +22,6 @@ import platform
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 PAIRS, PROMPT, RESPONSE, STEPS = 4, 64, 192, 2
@@ -34,11 +33,9 @@ MIB = 1024 ** 2
 MMAP_THRESHOLD = 128 * 1024
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results", "lora_memory")
+sys.path.insert(0, ROOT)
 
-
-def rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from benchmarks.common import SelfPeakRSS, self_rss  # noqa: E402
 
 
 def one(mode: str, checkpointing: bool) -> dict:
@@ -55,7 +52,7 @@ def one(mode: str, checkpointing: bool) -> dict:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     de.init_distributed()
-    start_rss = rss()
+    start_rss = self_rss()
     lora = LoRAConfig(r=RANK, alpha=ALPHA) if mode == "lora" else LoRAConfig()
     cfg = ModelConfig(name_or_path="builtin:smollm2-135m-instruct", gradient_checkpointing=checkpointing, lora=lora)
     model = build_causal_lm(cfg, build_tokenizer(cfg), seed=0)
@@ -69,29 +66,20 @@ def one(mode: str, checkpointing: bool) -> dict:
     loss_mask[:, PROMPT:] = 1
     prompt_lengths = torch.full((PAIRS,), PROMPT)
     ref = torch.full((PAIRS,), -1500.0)
-    loaded, peak, stop = rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     losses, seconds = [], []
-    for _ in range(STEPS):
-        t0 = time.perf_counter()
-        lp = pair_logprobs(engine, ids, attn, loss_mask, prompt_lengths)
-        loss = dpo_loss(lp.sum[:PAIRS], lp.sum[PAIRS:], ref, ref, beta=0.1)[0].mean()
-        engine.backward(loss)
-        de.optimizer_step(engine)
-        seconds.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    stop.set()
-    thread.join()
+    with SelfPeakRSS() as memory:
+        for _ in range(STEPS):
+            t0 = time.perf_counter()
+            lp = pair_logprobs(engine, ids, attn, loss_mask, prompt_lengths)
+            loss = dpo_loss(lp.sum[:PAIRS], lp.sum[PAIRS:], ref, ref, beta=0.1)[0].mean()
+            engine.backward(loss)
+            de.optimizer_step(engine)
+            seconds.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    loaded, peak = memory.start, memory.peak
     return {"mode": mode, "checkpointing": checkpointing, "trainable": trainable,
-            "peak_rss_mib": peak[0] / MIB, "loaded_rss_mib": loaded / MIB, "start_rss_mib": start_rss / MIB,
-            "above_loaded_mib": (peak[0] - loaded) / MIB, "step_s": seconds, "losses": losses,
+            "peak_rss_mib": peak / MIB, "loaded_rss_mib": loaded / MIB, "start_rss_mib": start_rss / MIB,
+            "above_loaded_mib": (peak - loaded) / MIB, "step_s": seconds, "losses": losses,
             "rows": ids.shape[0], "T": ids.shape[1]}
 
 

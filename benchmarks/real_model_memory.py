@@ -30,16 +30,14 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import SelfPeakRSS  # noqa: E402
 
 PAIRS, PROMPT, RESPONSE = 4, 128, 384
 MIB = 1024 ** 2
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_seconds():
@@ -68,24 +66,14 @@ def one(head: str, checkpointing: bool, heap: bool = False) -> dict:
     loss_mask = torch.zeros_like(ids)
     loss_mask[:, PROMPT:] = 1
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
-    base, peak, stop = rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start, cpu = time.perf_counter(), cpu_seconds()
-    lp = sequence_logprobs(model, ids, attn, loss_mask, keep_logits=(head == "full"))
-    chosen, rejected = lp.sum[:PAIRS], lp.sum[PAIRS:]
-    loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()
-    loss.backward()
-    seconds, (user, system) = time.perf_counter() - start, (b - a for a, b in zip(cpu, cpu_seconds()))
-    stop.set()
-    thread.join()
-    return {"head": head, "checkpointing": checkpointing, "heap": heap, "peak_mib": (peak[0] - base) / MIB,
+    with SelfPeakRSS() as memory:
+        start, cpu = time.perf_counter(), cpu_seconds()
+        lp = sequence_logprobs(model, ids, attn, loss_mask, keep_logits=(head == "full"))
+        chosen, rejected = lp.sum[:PAIRS], lp.sum[PAIRS:]
+        loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()
+        loss.backward()
+        seconds, (user, system) = time.perf_counter() - start, (b - a for a, b in zip(cpu, cpu_seconds()))
+    return {"head": head, "checkpointing": checkpointing, "heap": heap, "peak_mib": (memory.peak - memory.start) / MIB,
             "grads_mib": grads / MIB, "seconds": seconds, "user_s": user, "sys_s": system, "loss": loss.item(), "rows": ids.shape[0],
             "T": T}
 

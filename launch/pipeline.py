@@ -341,8 +341,10 @@ def run_pipeline(pipe: PipelineConfig, overrides: Sequence[str] = (), start_from
                 _fail(failed, m.key, f"{type(err).__name__}: {err}")
                 continue
             summaries[m.key], models[m.key], outputs[m.key] = summary, summary["model_dir"], summary.get("outputs", {})
+            # A data stage (label) passes its input model through: name what it made instead.
+            made = ", ".join(summary["outputs"].values()) if summary.get("outputs") else summary["model_dir"]
             print(f"[pipeline] {m.key}: {'reused' if summary.get('reused') else 'done'} "
-                  f"in {summary.get('wall_time_s', 0):.0f} s -> {summary['model_dir']}", flush=True)
+                  f"in {summary.get('wall_time_s', 0):.0f} s -> {made}", flush=True)
     result: Dict[str, Any] = {"stages": summaries, "models": models}
     if expanded:
         result.update(failed=failed, members={m.key: info.get(m.key, {"name": n, "method": pipe.stages[n].method,
