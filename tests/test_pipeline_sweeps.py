@@ -161,14 +161,14 @@ def test_a_member_with_a_bad_value_fails_alone(tmp_path):
 
 
 def test_frontier_pipeline_members_resolve():
-    """configs/pipeline/frontier.yaml: 4 methods x 4 settings x 3 seeds, every member a valid
+    """configs/pipeline/frontier.yaml: 5 methods x 4 settings x 3 seeds, every member a valid
     config in its own folder with its value and seed; SFT and the reward model shared."""
     from launch.pipeline import expand
 
     pipe = load_config(PipelineConfig, "configs/pipeline/frontier.yaml")
     members = expand(pipe)
     assert [m.key for m in members["sft"]] == ["sft"] and [m.key for m in members["reward_model"]] == ["reward_model"]
-    knobs = {"dpo": "loss.beta", "ipo": "loss.beta", "kto": "loss.beta", "ppo": "kl.coef"}
+    knobs = {"dpo": "loss.beta", "ipo": "loss.beta", "kto": "loss.beta", "ppo": "kl.coef", "grpo": "kl.coef"}
     for name, knob in knobs.items():
         assert len(members[name]) == 12
         for m in members[name]:
@@ -178,5 +178,8 @@ def test_frontier_pipeline_members_resolve():
             for part in knob.split("."):
                 obj = getattr(obj, part)
             assert obj == value and cfg.seed == m.seed and cfg.run_dir == os.path.join(pipe.run_root, name, m.label)
-    kls = [dict(m.values)["kl.coef"] for m in members["ppo"]]
-    assert sorted(set(kls)) == [0.01, 0.05, 0.2, 0.5]
+    for name in ("ppo", "grpo"):
+        kls = [dict(m.values)["kl.coef"] for m in members[name]]
+        assert sorted(set(kls)) == [0.01, 0.05, 0.2, 0.5]
+    grpo = stage_config(pipe, "grpo", {"sft": "/m/sft"}, (), members["grpo"][0])
+    assert grpo.advantage.estimator == "grpo" and grpo.kl.mode == "loss"
