@@ -108,7 +108,7 @@ def test_config_key_names_file_and_key(cli, tmp_path):
                     "error: command line: deepspeed.zero_stage: 5 is not one of [0, 1, 2, 3]")
     assert_one_line(cli("align-run", "sdf"),
                     "error: command line: unknown stage 'sdf'; choose from "
-                    "['dpo', 'kto', 'ppo', 'reward_model', 'sft'] or 'main'")
+                    "['dpo', 'kto', 'label', 'ppo', 'reward_model', 'sft'] or 'main'")
 
 
 def test_missing_model_file(cli, tmp_path):

@@ -75,11 +75,15 @@ def test_label_stage_writes_pairs_ordered_by_the_gold_scorer(piped):
     assert counts["chosen_score"] > counts["rejected_score"]
     binary = read_rows(summary["outputs"]["binary"])
     assert len(binary) == 2 * len(pairs) and sum(r["label"] for r in binary) == len(pairs)
-    # every file loads through the stages' own readers (rankings with ties, as the reward model reads them)
-    for name, kind, extra in (("pairs", "pairwise", {}), ("binary", "binary", {}),
-                              ("rankings", "ranking", {"ties": "strict_pairs"})):
+    rankings = read_rows(summary["outputs"]["rankings"])
+    assert len(rankings) == len(pairs)
+    # every file loads through the stages' own readers; a ranking loss needs a strict order, so with
+    # data.ties=strict_pairs the reader keeps exactly the rankings without a tied score
+    strict = sum(len(set(r["scores"])) == len(r["scores"]) for r in rankings)
+    for name, kind, extra, rows in (("pairs", "pairwise", {}, len(pairs)), ("binary", "binary", {}, 2 * len(pairs)),
+                                    ("rankings", "ranking", {"ties": "strict_pairs"}, strict)):
         train, _ = load_splits(DataConfig(train=[SourceConfig(path=summary["outputs"][name])], **extra), kind, 0)
-        assert len(train) == (2 * len(pairs) if name == "binary" else len(pairs)), name
+        assert len(train) == rows, name
     # its model is the model it sampled from, unchanged: DPO starts from it and trains on its pairs
     assert summary["model_dir"] == sft_dir
 
