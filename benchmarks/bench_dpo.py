@@ -22,6 +22,10 @@ Writes benchmarks/results/dpo.md and dpo.json (or OUT.md, OUT.json). On the real
 
     .venv/bin/python benchmarks/bench_dpo.py --model builtin:smollm2-135m-instruct --variants ours,trl \
         --max-length 512 --max-prompt-length 256 --steps 8 --reps 1 --out dpo_smollm2
+
+`--lora 16` trains a LoRA adapter (r 16, alpha 32, every linear layer but the head) in every
+variant: ours through model.lora, TRL through a peft LoraConfig; both take the reference
+log-probs from the model with its adapter off.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ BETA = 0.1
 
 def our_config(a):
     """Our DPO stage config, built in code: the benchmark's model, rows and settings."""
-    from align.config import DeepSpeedConfig, ModelConfig, OptimConfig, RayConfig, TrackingConfig, TrainConfig
+    from align.config import (DeepSpeedConfig, LoRAConfig, ModelConfig, OptimConfig, RayConfig, TrackingConfig,
+                              TrainConfig)
     from direct.dpo import DPOConfig, LossConfig
 
-    return DPOConfig(model=ModelConfig(name_or_path=a.model), data=C.data_config(a.data),
+    lora = LoRAConfig(**H.lora_settings(a.lora)) if a.lora else LoRAConfig()
+    return DPOConfig(model=ModelConfig(name_or_path=a.model, lora=lora), data=C.data_config(a.data),
                      loss=LossConfig(name="dpo", beta=BETA), optim=OptimConfig(lr=H.LR, scheduler="constant"),
                      deepspeed=DeepSpeedConfig(zero_stage=0, micro_batch_size=a.micro_batch),
                      ray=RayConfig(num_actors=1, cpus_per_actor=float(os.cpu_count()), object_store_memory=256 * C.MIB),
@@ -67,8 +73,16 @@ def child_trl(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
     args = H.trl_args(a, DPOConfig, loss_type=["sigmoid"], beta=BETA, precompute_ref_log_probs=a.child == "trl")
     clock = H.clock_callback()
+    peft_config = None
+    if a.lora:  # with an adapter TRL's reference is the model with the adapter off, as ours
+        from peft import LoraConfig
+
+        lora = H.lora_settings(a.lora)
+        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+        torch.manual_seed(C.SEED + 17)  # the adapters' A from the seed ours uses (align.models.lora)
     trainer = DPOTrainer(model=model, args=args, train_dataset=H.trl_dataset(a), processing_class=tok,
-                         callbacks=[clock])
+                         callbacks=[clock], peft_config=peft_config)
     ds = trainer.train_dataset
     ids = [[p + c, p + r] for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return H.trl_train(a, trainer, clock, ids)

@@ -112,6 +112,15 @@ def trl_train(a, trainer, clock, ids) -> dict:
             "ids": ids, "first_step_at": clock.first_step_at}
 
 
+def lora_settings(r: int) -> dict:
+    """The LoRA adapter every variant trains when --lora R is given (ours: model.lora; TRL: peft)."""
+    return {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": "all-linear"} if r else {}
+
+
+def lora_line(r: int) -> str:
+    return f"LoRA r={r} alpha {2 * r} on every linear layer but the head (base frozen), " if r else ""
+
+
 def model_params(model_dir: str) -> int:
     from safetensors import safe_open
 
@@ -237,6 +246,8 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     p.add_argument("--max-prompt-length", type=int, default=C.MAX_PROMPT_LENGTH)
     p.add_argument("--loss-tol", type=float, help="per-step loss agreement asked of every variant (default "
                                                   "1e-5 on builtin:tiny-*, 1e-4 on a real model)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank in every variant (alpha 2r, dropout 0, every "
+                                                       "linear layer but the head; TRL through peft); 0: full")
     p.add_argument("--data"), p.add_argument("--tmp")
     a = p.parse_args()
     C.MAX_LENGTH, C.MAX_PROMPT_LENGTH = a.max_length, a.max_prompt_length
@@ -269,7 +280,8 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
             tmp = tempfile.mkdtemp(dir=C.WORK, prefix=f"{st.name}-{v}-")
             args = ["--child", v, "--model", paths["model"], "--data", paths["data"], "--tmp", tmp,
                     "--steps", str(a.steps), "--micro-batch", str(a.micro_batch),
-                    "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length)]
+                    "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length),
+                    "--lora", str(a.lora)]
             r = C.run_child(script, args, os.path.join(tmp, "result.json"), st.env.get(v))
             if "ids" in r:  # flattened; the report compares them with our tokenization
                 r["ids"] = [s for row in r["ids"] for s in row]
@@ -286,14 +298,14 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     m = C.machine()
     command = (f".venv/bin/python benchmarks/bench_{st.name}.py --model {a.model} --steps {a.steps} "
                f"--micro-batch {a.micro_batch} --max-length {a.max_length} --max-prompt-length {a.max_prompt_length} "
-               f"--reps {a.reps} --variants {a.variants}")
+               f"--reps {a.reps} --variants {a.variants}" + (f" --lora {a.lora}" if a.lora else ""))
     body, measured = report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = "\n".join([
         f"# {st.title}", "",
         f"`{command}` ({elapsed:.0f} s in all; {date})", "",
         f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
-        f"{st.settings} {a.model} saved once, fp32, {a.steps} steps, micro-batch {a.micro_batch}, "
+        f"{st.settings} {a.model} saved once, fp32, {lora_line(a.lora)}{a.steps} steps, micro-batch {a.micro_batch}, "
         f"max_length {C.MAX_LENGTH} (prompt {C.MAX_PROMPT_LENGTH}), AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
         f"in both; {a.reps} repetitions, alternating order; steady state = steps {C.WARMUP_STEPS + 1}..{a.steps}. Memory: psutil, the "
         "run's process tree sampled every 2 s, peak RSS from the kernel's high-water mark; PSS splits shared pages (Ray's "
@@ -305,6 +317,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
         "benchmark": st.name, "title": st.title, "command": command, "date": date, "elapsed_s": round(elapsed, 1),
         "model": a.model, "settings": {"steps": a.steps, "micro_batch": a.micro_batch, "max_length": a.max_length,
                                        "max_prompt_length": a.max_prompt_length, "reps": a.reps, "precision": "fp32",
+                                       "lora": lora_settings(a.lora),
                                        "lr": LR, "seed": C.SEED, "torch_threads": os.cpu_count(),
                                        "steady_steps_from": C.WARMUP_STEPS + 1},
         "machine": {k: m[k] for k in ("cpu", "cores", "ram_gib", "python")}, "versions": m["packages"],
