@@ -25,7 +25,8 @@ Writes benchmarks/results/dpo.md and dpo.json (or OUT.md, OUT.json). On the real
 
 `--lora 16` trains a LoRA adapter (r 16, alpha 32, every linear layer but the head) in every
 variant: ours through model.lora, TRL through a peft LoraConfig; both take the reference
-log-probs from the model with its adapter off.
+log-probs from the model with its adapter off. `--bf16` runs every variant in bf16 (ours:
+deepspeed.precision=bf16, TRL: bf16=True); MFU then counts against the bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def our_config(a):
     lora = LoRAConfig(**H.lora_settings(a.lora)) if a.lora else LoRAConfig()
     return DPOConfig(model=ModelConfig(name_or_path=a.model, lora=lora), data=C.data_config(a.data),
                      loss=LossConfig(name="dpo", beta=BETA), optim=OptimConfig(lr=H.LR, scheduler="constant"),
-                     deepspeed=DeepSpeedConfig(zero_stage=0, micro_batch_size=a.micro_batch),
+                     deepspeed=DeepSpeedConfig(zero_stage=0, micro_batch_size=a.micro_batch, precision=a.precision),
                      ray=RayConfig(num_actors=1, cpus_per_actor=float(os.cpu_count()), object_store_memory=256 * C.MIB),
                      tracking=TrackingConfig(backend="none"), train=TrainConfig(max_steps=a.steps, resume=False),
                      final_samples=0, reference_cache=os.path.join(a.tmp, "ref"), run_dir=os.path.join(a.tmp, "run"),
@@ -94,7 +95,7 @@ STAGE = H.Stage(
     labels={**H.OUR_LABELS, "trl": "TRL, precomputed ref",
             "trl-ref": "TRL, ref forward each step"},
     no_grad_forwards={"trl-ref": 1},
-    env=H.OUR_ENV, shares_prompts=True,
+    env=H.OUR_ENV, shares_prompts=True, bf16=True,
     settings=f"DPO (sigmoid), beta {BETA}, micro-batch counted in pairs (2 sequences each); reference log-probs "
              "precomputed by ours and by 'TRL, precomputed ref'.")
 

@@ -308,12 +308,13 @@ def prebuild_deepspeed_ops() -> float:
     return time.perf_counter() - started
 
 
-def peak_flops(threads: Optional[int] = None, n: int = 2048, reps: int = 5) -> float:
-    """Best observed fp32 FLOP/s of an n^3 matmul on this machine with `threads` threads."""
+def peak_flops(threads: Optional[int] = None, n: int = 2048, reps: int = 5, dtype: str = "fp32") -> float:
+    """Best observed FLOP/s of an n^3 matmul in `dtype` (fp32 | bf16) with `threads` threads."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count())
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n).to(kind), torch.randn(n, n).to(kind)
     a @ b
     best = float("inf")
     for _ in range(reps):

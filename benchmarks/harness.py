@@ -61,6 +61,7 @@ class Stage:
     shares_prompts: bool = False  # our stage forwards each pair's prompt once (pairwise kinds)
     loss_steps: int = 0  # steps whose losses must match across frameworks (0: all)
     env: Dict[str, Dict[str, str]] = field(default_factory=dict)  # variant -> extra environment
+    bf16: bool = False  # its our_config honours --bf16 (a.precision)
 
 
 def clock_callback():
@@ -91,7 +92,7 @@ def trl_args(a, config_cls, **extra):
                       per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=1, max_steps=a.steps,
                       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                       adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch_fused",
-                      gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=1, save_strategy="no",
+                      gradient_checkpointing=False, bf16=a.bf16, fp16=False, logging_steps=1, save_strategy="no",
                       train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
                       max_length=C.MAX_LENGTH, **extra)
 
@@ -198,7 +199,7 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before):
               f"batches' pads like TRL)"
               + (f", and each pair's prompt once: {1 - sum(tokens['shared']) / sum(tokens['real']):.0%} fewer "
                  "positions than the real tokens" if st.shares_prompts else "")
-              + f". Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s (fp32, {os.cpu_count()} "
+              + f". Params {params:,}; peak matmul {peak / 1e9:.1f} GFLOP/s ({a.precision}, {os.cpu_count()} "
               f"threads, best of 5 timed before and after the runs); 1-minute load before {load_before}, "
               f"after {C.load_line()}."]
 
@@ -227,7 +228,7 @@ def report(st: Stage, a, res, tokens, seqs, order, params, peak, load_before):
            for v in variants}
     checks = {"same_token_ids": same_ids, "loss_tolerance": a.loss_tol, "losses_within_tolerance": max(diffs) <= a.loss_tol,
               "max_abs_loss_diff": max(diffs), "padding_fraction": round(pad, 4), "params": params,
-              "peak_matmul_gflops_fp32": round(peak / 1e9, 1)}
+              "peak_matmul_gflops": round(peak / 1e9, 1), "peak_matmul_dtype": a.precision}
     return "\n".join(lines), {"variants": out, "checks": checks}
 
 
@@ -248,8 +249,13 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
                                                   "1e-5 on builtin:tiny-*, 1e-4 on a real model)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank in every variant (alpha 2r, dropout 0, every "
                                                        "linear layer but the head; TRL through peft); 0: full")
+    p.add_argument("--bf16", action="store_true", help="bf16 in every variant (ours: deepspeed.precision=bf16; "
+                                                        "TRL: bf16=True); compare with an fp32 run of the same command")
     p.add_argument("--data"), p.add_argument("--tmp")
     a = p.parse_args()
+    a.precision = "bf16" if a.bf16 else "fp32"
+    if a.bf16 and not st.bf16:
+        p.error(f"--bf16: bench_{st.name}.py does not set our stage's precision yet (bench_dpo.py does)")
     C.MAX_LENGTH, C.MAX_PROMPT_LENGTH = a.max_length, a.max_prompt_length
     if a.child:
         out = st.children[a.child](a)
@@ -259,7 +265,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     started, load_before = time.perf_counter(), C.load_line()
     a.model = a.model or C.MODEL
     if a.loss_tol is None:
-        a.loss_tol = LOSS_TOL if a.model.startswith("builtin:tiny") else 1e-4
+        a.loss_tol = 5e-2 if a.bf16 else LOSS_TOL if a.model.startswith("builtin:tiny") else 1e-4
     rows = a.steps * a.micro_batch
     paths = C.prepare(st.split, rows, scalar=st.scalar, model=a.model)
     seqs = C.our_tokens(st.kind, paths["data"], paths["model"])
@@ -267,7 +273,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     prompts = C.our_prompt_lengths(paths["data"], paths["model"]) if st.shares_prompts else None
     tokens = C.step_tokens(seqs, order, prompts)
     C.prebuild_deepspeed_ops()
-    peak = C.peak_flops()
+    peak = C.peak_flops(dtype=a.precision)
     variants = a.variants.split(",")
     script = os.path.join(C.REPO, "benchmarks", f"bench_{st.name}.py")
     res = {v: [] for v in variants}
@@ -281,7 +287,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
             args = ["--child", v, "--model", paths["model"], "--data", paths["data"], "--tmp", tmp,
                     "--steps", str(a.steps), "--micro-batch", str(a.micro_batch),
                     "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length),
-                    "--lora", str(a.lora)]
+                    "--lora", str(a.lora)] + (["--bf16"] if a.bf16 else [])
             r = C.run_child(script, args, os.path.join(tmp, "result.json"), st.env.get(v))
             if "ids" in r:  # flattened; the report compares them with our tokenization
                 r["ids"] = [s for row in r["ids"] for s in row]
@@ -293,19 +299,19 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
                   f"wall {r['wall_s']:.0f} s, load {C.load_line()}", flush=True)
             shutil.rmtree(tmp, ignore_errors=True)
     if not a.report_only:
-        peak = max(peak, C.peak_flops())  # the best seen before and after: load lowers it, not raises it
+        peak = max(peak, C.peak_flops(dtype=a.precision))  # the best seen before and after: load lowers it, not raises it
         elapsed = time.perf_counter() - started
     m = C.machine()
     command = (f".venv/bin/python benchmarks/bench_{st.name}.py --model {a.model} --steps {a.steps} "
                f"--micro-batch {a.micro_batch} --max-length {a.max_length} --max-prompt-length {a.max_prompt_length} "
-               f"--reps {a.reps} --variants {a.variants}" + (f" --lora {a.lora}" if a.lora else ""))
+               f"--reps {a.reps} --variants {a.variants}" + (f" --lora {a.lora}" if a.lora else "") + (" --bf16" if a.bf16 else ""))
     body, measured = report(st, a, res, tokens, seqs, order, model_params(paths["model"]), peak, load_before)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = "\n".join([
         f"# {st.title}", "",
         f"`{command}` ({elapsed:.0f} s in all; {date})", "",
         f"Machine: {m['machine']}. Versions: {m['versions']}.", "",
-        f"{st.settings} {a.model} saved once, fp32, {lora_line(a.lora)}{a.steps} steps, micro-batch {a.micro_batch}, "
+        f"{st.settings} {a.model} saved once, {a.precision}, {lora_line(a.lora)}{a.steps} steps, micro-batch {a.micro_batch}, "
         f"max_length {C.MAX_LENGTH} (prompt {C.MAX_PROMPT_LENGTH}), AdamW lr {LR} constant, clip 1.0, seed {C.SEED}, {os.cpu_count()} torch threads "
         f"in both; {a.reps} repetitions, alternating order; steady state = steps {C.WARMUP_STEPS + 1}..{a.steps}. Memory: psutil, the "
         "run's process tree sampled every 2 s, peak RSS from the kernel's high-water mark; PSS splits shared pages (Ray's "
@@ -316,7 +322,7 @@ def main(st: Stage, doc: str, steps: int = 16, micro_batch: int = 8, variants: s
     print("wrote", C.write_json(a.out, {
         "benchmark": st.name, "title": st.title, "command": command, "date": date, "elapsed_s": round(elapsed, 1),
         "model": a.model, "settings": {"steps": a.steps, "micro_batch": a.micro_batch, "max_length": a.max_length,
-                                       "max_prompt_length": a.max_prompt_length, "reps": a.reps, "precision": "fp32",
+                                       "max_prompt_length": a.max_prompt_length, "reps": a.reps, "precision": a.precision,
                                        "lora": lora_settings(a.lora),
                                        "lr": LR, "seed": C.SEED, "torch_threads": os.cpu_count(),
                                        "steady_steps_from": C.WARMUP_STEPS + 1},

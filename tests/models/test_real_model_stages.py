@@ -45,17 +45,25 @@ def plain_nll(model, rows):
     return total, tokens
 
 
+SFT_SMOL = {"model.name_or_path": SMOL, "data.train": '[{path: "builtin:sft", max_rows: 8}]',
+            "data.eval": '[{path: "builtin:sft_eval", max_rows: 4}]', "data.max_length": 64,
+            "data.max_prompt_length": 48, "deepspeed.micro_batch_size": 4, "train.max_steps": 2,
+            "train.eval_every": 0, "train.save_every": 0, "train.log_every": 1, "optim.lr": 1e-4,
+            "optim.warmup_steps": 0, "final_samples": 0}
+
+
+def bf16_hardware() -> bool:
+    from align.precision import hardware_precisions, read_cpuinfo
+
+    return "bf16" in hardware_precisions(read_cpuinfo())
+
+
 @pytest.fixture(scope="module")
 def sft_smol(smollm2_dir, ray_session, quick, tmp_path_factory):
     from rlhf import sft
 
     run_dir = tmp_path_factory.mktemp("sft-smol")
-    cfg = load_config(sft.SFTConfig, "configs/sft/default.yaml", quick(run_dir, **{
-        "model.name_or_path": SMOL, "data.train": '[{path: "builtin:sft", max_rows: 8}]',
-        "data.eval": '[{path: "builtin:sft_eval", max_rows: 4}]', "data.max_length": 64,
-        "data.max_prompt_length": 48, "deepspeed.micro_batch_size": 4, "train.max_steps": 2,
-        "train.eval_every": 0, "train.save_every": 0, "optim.lr": 1e-4, "optim.warmup_steps": 0,
-        "final_samples": 0}))
+    cfg = load_config(sft.SFTConfig, "configs/sft/default.yaml", quick(run_dir, **SFT_SMOL))
     return cfg, sft.run(cfg, reuse=False)
 
 
@@ -94,3 +102,43 @@ def test_dpo_on_the_real_model(sft_smol, ray_session, quick, tmp_path):
     exported, start = reload_export(summary["model_dir"]), reload_export(sft_dir)
     diff = max((a - b).abs().max().item() for a, b in zip(exported.parameters(), start.parameters()))
     assert diff > 1e-6
+
+
+NO_BF16 = "this CPU has no bf16 hardware (amx_bf16 or avx512_bf16)"
+
+
+@pytest.fixture(scope="module")
+def sft_smol_bf16(sft_smol, ray_session, quick, tmp_path_factory):
+    """sft_smol's steps in bf16 (`precision_fallback: error`: it fails rather than fall back)."""
+    from rlhf import sft
+
+    run_dir = tmp_path_factory.mktemp("sft-smol-bf16")
+    cfg = load_config(sft.SFTConfig, "configs/sft/default.yaml", quick(run_dir, **{
+        **SFT_SMOL, "deepspeed.precision": "bf16", "deepspeed.precision_fallback": "error"}))
+    return cfg, sft.run(cfg, reuse=False)
+
+
+@pytest.mark.skipif(not bf16_hardware(), reason=NO_BF16)
+def test_bf16_on_the_real_model_follows_fp32_and_learns(sft_smol, sft_smol_bf16, smollm2_dir):
+    """Same weights and batch: bf16's first loss agrees with fp32's to bf16's precision (8-bit
+    mantissa, about 0.4% per rounding) without being equal; two steps lower the eval loss of the
+    reloaded export below the starting model's."""
+    from align.models.builders import build_tokenizer
+    from align.stage import load_tokenized
+
+    (cfg, summary), fp32 = sft_smol_bf16, read_metrics(sft_smol[0].run_dir)
+    bf16 = read_metrics(cfg.run_dir)
+    assert bf16[1]["loss"] == pytest.approx(fp32[1]["loss"], rel=2e-2) and bf16[1]["loss"] != fp32[1]["loss"]
+    _, eval_rows, _ = load_tokenized(cfg.data, "sft", build_tokenizer(cfg.model), cfg.seed)
+    start, _ = plain_nll(reload_export(smollm2_dir), eval_rows)
+    nll, tokens = plain_nll(reload_export(summary["model_dir"]), eval_rows)
+    assert nll / tokens < start / tokens - 0.2  # 4.13 -> 3.49 nats a token measured (fp32: 2.75)
+
+
+@pytest.mark.skipif(not bf16_hardware(), reason=NO_BF16)
+@pytest.mark.xfail(strict=True, reason="bf16 learns less per step than fp32 on the real model (eval loss 3.49 "
+                                       "vs 2.75 after 2 steps from 4.13); suspected: updates applied to bf16 "
+                                       "weights without fp32 master copies, not yet diagnosed")
+def test_bf16_on_the_real_model_learns_as_much_as_fp32(sft_smol, sft_smol_bf16):
+    assert sft_smol_bf16[1]["final_eval"]["eval/loss"] == pytest.approx(sft_smol[1]["final_eval"]["eval/loss"],
+                                                                         rel=3e-2)
