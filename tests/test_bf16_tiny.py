@@ -32,17 +32,16 @@ def _run(module, cls, config, run_dir, quick, precision, **extra):
                  "deepspeed.precision": precision, "deepspeed.precision_fallback": "keep", **extra}
     cfg = load_config(cls, config, quick(run_dir, **overrides))
     summary = module.run(cfg, reuse=False)
-    saved = json.load(open(os.path.join(run_dir, "run_info.json")))
-    return _losses(run_dir), summary, saved
+    return _losses(run_dir), summary
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_sft_in_bf16_follows_fp32(tmp_path, quick):
     from rlhf import sft
 
-    fp32, _, _ = _run(sft, sft.SFTConfig, "configs/sft/default.yaml", tmp_path / "fp32", quick, "fp32",
+    fp32, _ = _run(sft, sft.SFTConfig, "configs/sft/default.yaml", tmp_path / "fp32", quick, "fp32",
                       **SAMPLED)
-    bf16, summary, _ = _run(sft, sft.SFTConfig, "configs/sft/default.yaml", tmp_path / "bf16", quick, "bf16",
+    bf16, summary = _run(sft, sft.SFTConfig, "configs/sft/default.yaml", tmp_path / "bf16", quick, "bf16",
                                 **SAMPLED)
     assert len(fp32) == len(bf16) == STEPS
     # A fresh tiny model starts near ln(512) = 6.24 nats a token in both; bf16 keeps 8 mantissa
@@ -57,7 +56,7 @@ def test_sft_in_bf16_follows_fp32(tmp_path, quick):
 def test_dpo_in_bf16_starts_at_ln2(tmp_path, quick, sft_model_dir):
     from direct import dpo
 
-    losses, _, _ = _run(dpo, dpo.DPOConfig, "configs/dpo/default.yaml", tmp_path / "bf16", quick, "bf16",
+    losses, _ = _run(dpo, dpo.DPOConfig, "configs/dpo/default.yaml", tmp_path / "bf16", quick, "bf16",
                         **{"model.name_or_path": sft_model_dir, **SAMPLED})
     # The policy equals its reference at step 1 and both are scored by the same bf16 model, so
     # every log-ratio is 0 and the loss is -log sigmoid(0) = ln 2.
@@ -70,7 +69,7 @@ def test_kto_in_bf16_starts_at_one_half(tmp_path, quick, sft_model_dir):
     from direct import kto
 
     data = '[{path: "builtin:binary", max_rows: 64}]'
-    losses, _, _ = _run(kto, kto.KTOConfig, "configs/kto/default.yaml", tmp_path / "bf16", quick, "bf16",
+    losses, _ = _run(kto, kto.KTOConfig, "configs/kto/default.yaml", tmp_path / "bf16", quick, "bf16",
                         **{"model.name_or_path": sft_model_dir, "data.train": data, **SAMPLED})
     # Policy = reference at step 1: every reward and the KL estimate are 0, so each example's loss
     # lambda - lambda * sigmoid(beta * (r - z_ref)) (KTO, Ethayarajh et al. 2024; unit weights) is
@@ -84,9 +83,9 @@ def test_reward_model_in_bf16_follows_fp32(tmp_path, quick, sft_model_dir):
     from reward_model import train as rm
 
     extra = {"model.name_or_path": sft_model_dir, "deepspeed.micro_batch_size": 16}
-    fp32, _, _ = _run(rm, rm.RMConfig, "configs/reward_model/default.yaml", tmp_path / "fp32", quick,
+    fp32, _ = _run(rm, rm.RMConfig, "configs/reward_model/default.yaml", tmp_path / "fp32", quick,
                       "fp32", **extra)
-    bf16, _, _ = _run(rm, rm.RMConfig, "configs/reward_model/default.yaml", tmp_path / "bf16", quick,
+    bf16, _ = _run(rm, rm.RMConfig, "configs/reward_model/default.yaml", tmp_path / "bf16", quick,
                       "bf16", **extra)
     # A new score head gives near-equal scores to both sides: the Bradley-Terry loss starts near
     # -log sigmoid(0) = ln 2, and bf16's scores follow fp32's to its 8-bit mantissa.
@@ -101,7 +100,7 @@ def test_grpo_in_bf16_starts_on_policy(tmp_path, quick, sft_model_dir):
 
     extra = {"model.name_or_path": sft_model_dir, "sampling.max_new_tokens": 16, "eval_prompts": 0,
              "eval_at_start": False, "ppo_epochs": 1, "num_minibatches": 1}
-    _, summary, _ = _run(ppo, ppo.PPOConfig, "configs/ppo/grpo.yaml", tmp_path / "bf16", quick, "bf16", **extra)
+    _, summary = _run(ppo, ppo.PPOConfig, "configs/ppo/grpo.yaml", tmp_path / "bf16", quick, "bf16", **extra)
     first, second = _train_rows(tmp_path / "bf16")
     # Step 1: the policy and its reference are the same bf16 weights run the same way, and the
     # update's log-probs are those of the policy that sampled (one epoch, one mini-batch): KL 0,
