@@ -206,6 +206,14 @@ class DeepSpeedConfig:
     # at full speed on every machine; the run's saved config records fp32). error: stop with a
     # one-line config error. keep: run the asked precision anyway (e.g. to test bf16 numerics).
     precision_fallback: str = "fp32"
+    # How bf16 is applied. autocast: fp32 weights, optimizer, checkpoints and exports, with the
+    # body's linear layers multiplying in bf16 and the heads, norms, attention and losses in fp32
+    # (align.models.autocast; HF Trainer's and TRL's bf16). weights: DeepSpeed's bf16, the model
+    # cast to bf16 with fp32 master copies in the optimizer: half the weight memory, but on CPU a
+    # slow optimizer step, bf16 logits, and a small update reaches the forward (and the export)
+    # only once the master copy has moved half a bf16 step. auto: autocast on CPU, weights on GPU.
+    # fp16 always runs as weights (it needs DeepSpeed's loss scaling).
+    mixed_precision: str = "auto"
     # Sequences per rank per forward; global batch = micro_batch_size * grad_accum_steps * ranks.
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
@@ -214,10 +222,17 @@ class DeepSpeedConfig:
     # A DeepSpeed JSON file given by the user; its keys win over the ones built from this config.
     raw_config: Optional[str] = None
 
+    def uses_autocast(self, on_gpu: bool) -> bool:
+        """bf16 by autocast (fp32 weights) rather than a bf16 model; see `mixed_precision`."""
+        if self.precision != "bf16":
+            return False
+        return self.mixed_precision == "autocast" or (self.mixed_precision == "auto" and not on_gpu)
+
     def __post_init__(self) -> None:
         check_choice("deepspeed.zero_stage", self.zero_stage, [0, 1, 2, 3])
         check_choice("deepspeed.precision", self.precision, ["fp32", "bf16", "fp16"])
         check_choice("deepspeed.precision_fallback", self.precision_fallback, ["fp32", "error", "keep"])
+        check_choice("deepspeed.mixed_precision", self.mixed_precision, ["auto", "autocast", "weights"])
         check_positive("deepspeed.micro_batch_size", self.micro_batch_size)
         check_positive("deepspeed.grad_accum_steps", self.grad_accum_steps)
         if self.offload_params and self.zero_stage != 3:

@@ -41,12 +41,18 @@ ROLLOUT, NEW_TOKENS, MICRO, EPOCHS, MINIBATCHES, KL = 32, 32, 16, 2, 2, 0.05
 
 
 def our_config(a):
+    """PPO (`ours`), or GRPO (`ours-grpo`) with TRL's settings: 2 samples per prompt, the k3 KL as a
+    loss term, the reward model as the reward; then only 3 groups start (no value model)."""
     from align.config import DeepSpeedConfig, ModelConfig, OptimConfig, RayConfig, TrackingConfig, TrainConfig
     from align.generation import SamplingConfig
-    from rlhf.ppo import PPOConfig
+    from rlhf.ppo import AdvantageConfig, KLConfig, PPOConfig, RolloutConfig
 
+    grpo = a.child == "ours-grpo"
+    critic_free = dict(advantage=AdvantageConfig(estimator="grpo"), rollout=RolloutConfig(group_size=2),
+                       kl=KLConfig(coef=KL, estimator="k3", mode="loss")) if grpo else dict(kl=KLConfig(coef=KL))
     return PPOConfig(model=ModelConfig(name_or_path=a.model), reward_model=a.reward, data=C.data_config(a.data),
-                     ray=RayConfig(cpus_per_actor=os.cpu_count() / 4, object_store_memory=256 * C.MIB),
+                     **critic_free,
+                     ray=RayConfig(cpus_per_actor=os.cpu_count() / (3 if grpo else 4), object_store_memory=256 * C.MIB),
                      rollout_batch_size=ROLLOUT, generation_batch_size=ROLLOUT, ppo_epochs=EPOCHS,
                      num_minibatches=MINIBATCHES, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
                      optim=OptimConfig(lr=LR), eval_prompts=0, eval_at_start=False,
@@ -100,7 +106,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="rollouts per run (the first is warm-up)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--variants", default="ours,trl")
-    p.add_argument("--child", choices=["ours", "trl"])
+    p.add_argument("--child", choices=["ours", "ours-grpo", "trl"])
     p.add_argument("--model", help=f"policy of both (default {C.MODEL}); reward and value models are its "
                                    "scalar-head copy")
     p.add_argument("--out", default="ppo", help="results file stem (benchmarks/results/OUT.md and OUT.json)")
@@ -108,7 +114,7 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         with open(os.path.join(a.tmp, "result.json"), "w") as fh:
-            json.dump((child if a.child == "ours" else child_trl)(a), fh)
+            json.dump((child_trl if a.child == "trl" else child)(a), fh)
         return
     import trl
 
@@ -142,8 +148,11 @@ def main() -> None:
             f"{ROLLOUT} completions per rollout of <= {NEW_TOKENS} new tokens, {EPOCHS} epochs x {MINIBATCHES} "
             f"minibatches of {MICRO}, KL weight {KL}, fp32; {a.steps} rollouts x {a.reps} runs, medians over "
             "rollouts 2..N of every run.", ""]
-    if "ours" in res:
-        steady = [s for r in res["ours"] for s in r["steps"][1:]]  # step 1 is warm-up
+    label = {"ours": "ours (PPO: policy + value)", "ours-grpo": "ours (GRPO, K=2: policy only)",
+             "trl": "TRL GRPOTrainer (policy only)"}
+    for v in (x for x in variants if x.startswith("ours")):
+        steady = [s for r in res[v] for s in r["steps"][1:]]  # step 1 is warm-up
+        models = 3 if v == "ours-grpo" else 4  # forwards in inference: policy, reference, reward (+ value)
 
         def med(key):
             return statistics.median(s[key] for s in steady)
@@ -154,19 +163,21 @@ def main() -> None:
         gen, train = med("tokens/s_generate"), med("tokens/s_train")
         seq_tokens = statistics.median(s["tokens/s_train"] * s["time/train"] / EPOCHS for s in steady)
         infer = seq_tokens / med("time/inference")
-        text += ["Ours: four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each, "
-                 "ZeRO-0, micro-batch 16.", "",
+        groups = ("three groups x 1 actor (policy, reference, reward model), 0.67 CPU each" if v == "ours-grpo"
+                  else "four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each")
+        trained = 1 if v == "ours-grpo" else 2
+        text += [f"{label[v]}: {groups}, ZeRO-0, micro-batch 16.", "",
                  C.table(["phase", "s / step (median)", "share"], rows), "",
                  C.table(["throughput", "value", "MFU"], [
-                     ["generation, new tokens/s (policy actor, 1 thread, KV cache)", f"{gen:.0f}",
+                     ["generation, new tokens/s (policy actor, KV cache)", f"{gen:.0f}",
                       f"{2 * params * gen / peak1:.1%} of 1 thread"],
-                     ["inference, sequence tokens/s (4 models forward, in parallel)", f"{infer:.0f}",
-                      f"{4 * 2 * params * infer / peak:.1%}"],
-                     ["train, sequence tokens/s x epochs (policy + value, in parallel)", f"{train:.0f}",
-                      f"{2 * 6 * params * train / peak:.1%}"]]), ""]
+                     [f"inference, sequence tokens/s (policy, reference, reward{', value' if models == 4 else ''} "
+                      "forward, in parallel)", f"{infer:.0f}", f"{models * 2 * params * infer / peak:.1%}"],
+                     [f"train, sequence tokens/s x epochs ({'policy + value, in parallel' if trained == 2 else 'policy'})",
+                      f"{train:.0f}", f"{trained * 6 * params * train / peak:.1%}"]]), ""]
     cols = {}
     for v in variants:
-        if v == "ours":
+        if v.startswith("ours"):
             per = [s["time/step"] for r in res[v] for s in r["steps"][1:]]
             length = [s["response/length"] for r in res[v] for s in r["steps"][1:]]
         else:
@@ -176,7 +187,6 @@ def main() -> None:
                    "startup": [r["startup_s"] for r in res[v] if r.get("startup_s")],
                    "tree": [r["peak_rss"]["tree"] / C.MIB for r in res[v]],
                    "train": [r["peak_rss"]["train_rss"] / C.MIB for r in res[v]]}
-    label = {"ours": "ours (PPO: policy + value)", "trl": "TRL GRPOTrainer (policy only)"}
     base = statistics.median(cols["trl"]["per"]) if "trl" in cols else None
     text += [C.table(["", *(label[v] for v in variants)], [
         ["s per rollout (median (min-max))", *(C.spread(cols[v]["per"], "{:.2f}") for v in variants)],

@@ -91,12 +91,19 @@ def main() -> None:
     p.add_argument("--stage", choices=sorted(SPLITS), default="dpo")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--model", default=C.MODEL, help="e.g. builtin:smollm2-135m-instruct")
+    p.add_argument("--max-length", type=int, default=C.MAX_LENGTH)
+    p.add_argument("--max-prompt-length", type=int, default=C.MAX_PROMPT_LENGTH)
+    p.add_argument("--bf16", action="store_true", help="deepspeed.precision=bf16")
+    p.add_argument("--out", help="results file stem (default profile_<stage>)")
     a = p.parse_args()
+    a.precision, a.lora = ("bf16" if a.bf16 else "fp32"), 0
+    C.MAX_LENGTH, C.MAX_PROMPT_LENGTH = a.max_length, a.max_prompt_length
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     split, scalar = SPLITS[a.stage]
-    paths = C.prepare(split, a.steps * a.micro_batch, scalar=scalar)
+    paths = C.prepare(split, a.steps * a.micro_batch, scalar=scalar, model=a.model)
     a.model, a.data, a.tmp = paths["model"], paths["data"], tempfile.mkdtemp(dir=C.WORK, prefix="profile-")
     torch.set_num_threads(os.cpu_count())
     w = worker(a.stage, a)
@@ -130,8 +137,8 @@ def main() -> None:
             where = path.split("site-packages/")[-1].replace(C.REPO + "/", "")
             phases[f"{fn} ({where})"] = max(cum, phases.get(f"{fn} ({where})", 0.0))
     lines = [f"# Profile of one {a.stage} step (ours, in-process worker, 1 rank, no Ray)", "",
-             f"`.venv/bin/python benchmarks/profile_step.py --stage {a.stage} --micro-batch {a.micro_batch}`; "
-             f"load {C.load_line()}.", "",
+             f"`.venv/bin/python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`; "
+             f"model {a.model}, {a.precision}, load {C.load_line()}.", "",
              f"Step time without profiler: {statistics.median(times):.2f} s (steps 3-4); with torch.profiler "
              f"{prof_step:.2f} s, ops' self CPU time {total:.2f} s ({total / prof_step:.0%} of the step, 2 threads "
              "counted once); with cProfile " f"{cprof_step:.2f} s.", "",
@@ -148,7 +155,7 @@ def main() -> None:
               C.table(["operation", "s", "share of a step"], [[k, f"{v:.3f}", f"{v / step:.0%}"] for k, v in iso])]
     text = "\n".join(lines)
     print(text)
-    print("wrote", C.write_result(f"profile_{a.stage}", text))
+    print("wrote", C.write_result(a.out or f"profile_{a.stage}", text))
     from align.engine.deepspeed_engine import teardown
 
     w.close()

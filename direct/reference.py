@@ -63,7 +63,10 @@ def cached_reference(cfg: DirectConfig, tokenizer, splits: Dict[str, Any], colla
 
     With LoRA (`uses_adapter_reference`), `policy` (the training engine) scores the rows with its
     adapter disabled, which is the base model exactly; the cache key says so."""
-    ref_id = ref_cache.reference_id(reference_model_cfg(cfg), cfg.seed, cfg.deepspeed.precision)
+    import torch
+
+    precision = cfg.deepspeed.precision + ("-autocast" if cfg.deepspeed.uses_autocast(torch.cuda.is_available()) else "")
+    ref_id = ref_cache.reference_id(reference_model_cfg(cfg), cfg.seed, precision)
     build, scope = reference_builder(cfg, tokenizer), None
     if uses_adapter_reference(cfg):
         if policy is None:

@@ -51,7 +51,8 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, tr
         "train_batch_size": ds.micro_batch_size * (ds.grad_accum_steps if train else 1) * world_size,
         "zero_optimization": zero,
         "gradient_clipping": optim.grad_clip if train else 0.0,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # With autocast the model stays fp32 for DeepSpeed (align.models.autocast does the bf16).
+        "bf16": {"enabled": ds.precision == "bf16" and not ds.uses_autocast(torch.cuda.is_available())},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         # A torch optimizer may be offloaded too; no cpu_adam build needed.
         "zero_force_ds_cpu_optimizer": False,
@@ -228,10 +229,15 @@ def init_train_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimC
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    _maybe_autocast(engine, ds)
     # from_pretrained returns a model in eval mode: without this, dropout and gradient
     # checkpointing (which transformers applies only in training mode) stay off until the first
     # evaluation switches back with engine.train().
     engine.train()
+    if _clips_plain_gradients(engine):
+        # One pass over the gradients for the norm and the clipping (DeepSpeed's clipping does
+        # not keep the norm, which `optimizer_step` would otherwise compute again).
+        engine.clip_fp32_gradients = lambda: _clip_and_remember_norm(engine)
     if world_size() == 1 and engine.zero_optimization_stage() == 0:
         # An all-reduce over one rank is the identity, but DeepSpeed still copies every gradient
         # into a flat buffer and back (about 5% of a small model's step, and a gradient-sized
@@ -249,19 +255,41 @@ def init_eval_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimCo
     if ds.zero_stage != 3:
         config["zero_optimization"] = {"stage": 0}
     engine, *_ = deepspeed.initialize(model=model, config=config)
+    _maybe_autocast(engine, ds)
     engine.eval()
     return engine
+
+
+def _maybe_autocast(engine, ds: DeepSpeedConfig) -> None:
+    if ds.uses_autocast(torch.cuda.is_available()):
+        from align.models.autocast import apply_autocast
+
+        apply_autocast(engine.module, torch.bfloat16)
+
+
+def _clips_plain_gradients(engine) -> bool:
+    """Whether DeepSpeed clips with `clip_fp32_gradients` (ZeRO-0 without its fp16/bf16 optimizer)."""
+    return engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def _clip_and_remember_norm(engine) -> None:
+    grads = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, engine.gradient_clipping(), foreach=True) if grads else None
+    engine._align_grad_norm = None if norm is None else norm.item()
 
 
 def optimizer_step(engine) -> None:
     """`engine.step()`, remembering the global gradient norm (before clipping) of an update.
 
     DeepSpeed records the norm under ZeRO-1/2/3 but not at stage 0 with a client optimizer, so
-    there it is computed here from the already all-reduced gradients.
+    there it is computed from the already all-reduced gradients: by the clipping, or here when
+    nothing clips.
     """
     if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-        grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
-        engine._align_grad_norm = torch.stack(torch._foreach_norm(grads)).float().norm().item() if grads else None
+        if not (_clips_plain_gradients(engine) and engine.gradient_clipping() > 0):
+            grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+            engine._align_grad_norm = (torch.stack(torch._foreach_norm(grads)).float().norm().item()
+                                       if grads else None)
     engine.step()
 
 
@@ -298,7 +326,9 @@ def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw
     was_training = module.training
     module.eval()
     sync = is_zero3(engine) and world_size() > 1
-    with torch.no_grad():
+    from align.models.autocast import cached_casts
+
+    with torch.no_grad(), cached_casts(module):
         out = module.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=sync, **kwargs)
     module.train(was_training)
     return out

@@ -143,6 +143,10 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        # bf16 by autocast (align.models.autocast): v comes from a bf16 matmul, q and k are fp32
+        # after the rotary embedding; attention runs in fp32 (on CPU its backward is faster).
+        key, value = key.to(query.dtype), value.to(query.dtype)
     if cu_seq_lens_q is None:  # generation, evaluation, padded batches
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

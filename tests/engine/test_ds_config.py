@@ -50,7 +50,8 @@ def test_stage3_threshold_left_to_deepspeed_when_unset():
 
 @pytest.mark.parametrize("precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
 def test_precision(precision, bf16, fp16):
-    cfg = build_ds_config(DeepSpeedConfig(precision=precision), OptimConfig(), world_size=1)
+    # `weights`: DeepSpeed casts the model (bf16 by autocast leaves DeepSpeed an fp32 model).
+    cfg = build_ds_config(DeepSpeedConfig(precision=precision, mixed_precision="weights"), OptimConfig(), world_size=1)
     assert cfg["bf16"]["enabled"] is bf16
     assert cfg["fp16"]["enabled"] is fp16
 
