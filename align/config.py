@@ -258,6 +258,10 @@ class RayConfig:
     # 15, makes training yield the CPU to every other process on the machine; 0 is what a plain
     # training script gets. Ignored when joining a running cluster (its own setting rules).
     worker_niceness: int = 0
+    # CPU actors that work while the other groups of a stage wait (PPO's generation, a lone
+    # trained group) use the cores those groups leave idle, not only their `cpus_per_actor` share
+    # (align.engine.ray_group.running_alone). Turn off on nodes shared with other jobs.
+    elastic_threads: bool = True
 
     def __post_init__(self) -> None:
         check_positive("ray.num_actors", self.num_actors)

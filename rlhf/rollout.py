@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from align.engine.ray_group import ActorGroup, create_placement_group, remove_shared_placement_group, start_ray
+from align.engine.ray_group import (ActorGroup, create_placement_group, remove_shared_placement_group, running_alone,
+                                    start_ray)
 from align.evaluation import bootstrap_ci
 from align.task import gold_scorer_for
 from reward_model.rewards import REWARD_MODEL, build_reward
@@ -147,7 +148,8 @@ class RolloutStage:
     # -- moving rows through the groups -----------------------------------------------------------
 
     def _sample(self, method: str, *args) -> Dict[str, list]:
-        parts = self.groups["policy"].call(method, *args)
+        with running_alone([self.groups["policy"]]):  # the other groups wait for the samples
+            parts = self.groups["policy"].call(method, *args)
         return {k: [x for p in parts for x in p[k]] for k in parts[0]}
 
     def rollout(self, step: int) -> Dict[str, list]:
@@ -225,22 +227,23 @@ class RolloutStage:
         sums: Dict[str, Dict[str, float]] = {g: {} for g in trained}
         last: Dict[str, Dict[str, float]] = {}
         tokens = 0.0
-        for epoch in range(cfg.ppo_epochs):
-            order = np.random.default_rng([cfg.seed, step, epoch]).permutation(n).tolist()
-            for mb in range(cfg.num_minibatches):
-                idx = order[mb * n // cfg.num_minibatches:(mb + 1) * n // cfg.num_minibatches]
-                num_tokens = float(sum(lengths[i] for i in idx))
-                tokens += num_tokens
-                normalizer = {"policy": float(sum(per_row[i] for i in idx)), "value": num_tokens}
-                pending = {g: self.groups[g].scatter("train_minibatch", [
-                    dict(rows[i], **{k: getattr(traj, src)[i, : lengths[i]] for k, src in fields.items()})
-                    for i in idx], num_tokens=normalizer[g]) for g, fields in trained.items()}
-                for g, (refs, _) in pending.items():
-                    parts = self.groups[g].get(refs)
-                    for part in parts:
-                        for k, v in part["sums"].items():
-                            sums[g][k] = sums[g].get(k, 0.0) + v
-                    last[g] = parts[0]["last"]
+        with running_alone([self.groups[g] for g in trained]):  # the other groups wait meanwhile
+            for epoch in range(cfg.ppo_epochs):
+                order = np.random.default_rng([cfg.seed, step, epoch]).permutation(n).tolist()
+                for mb in range(cfg.num_minibatches):
+                    idx = order[mb * n // cfg.num_minibatches:(mb + 1) * n // cfg.num_minibatches]
+                    num_tokens = float(sum(lengths[i] for i in idx))
+                    tokens += num_tokens
+                    normalizer = {"policy": float(sum(per_row[i] for i in idx)), "value": num_tokens}
+                    pending = {g: self.groups[g].scatter("train_minibatch", [
+                        dict(rows[i], **{k: getattr(traj, src)[i, : lengths[i]] for k, src in fields.items()})
+                        for i in idx], num_tokens=normalizer[g]) for g, fields in trained.items()}
+                    for g, (refs, _) in pending.items():
+                        parts = self.groups[g].get(refs)
+                        for part in parts:
+                            for k, v in part["sums"].items():
+                                sums[g][k] = sums[g].get(k, 0.0) + v
+                        last[g] = parts[0]["last"]
         return sums, last, tokens
 
     def _evaluate(self, prefix: str) -> Dict[str, Any]:

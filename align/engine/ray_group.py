@@ -22,6 +22,7 @@ import socket
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
@@ -95,7 +96,7 @@ class RankActor:
 
         # Each rank gets its share of the cores; oversubscription makes steps 3-7x slower.
         torch.set_num_threads(threads)
-        self.group, self.rank, self.worker = group, rank, None
+        self.group, self.rank, self.worker, self.threads = group, rank, None, threads
 
     def address(self) -> tuple:
         return ray.util.get_node_ip_address(), _free_port()
@@ -108,8 +109,19 @@ class RankActor:
         self.worker = factory(*args, **kwargs)
         return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
-    def call(self, method: str, args, kwargs) -> Any:
-        return getattr(self.worker, method)(*args, **kwargs)
+    def call(self, method: str, args, kwargs, threads: Optional[int] = None) -> Any:
+        """`worker.method(*args, **kwargs)`, on `threads` torch threads when given (see running_alone)."""
+        # Never more threads than this machine has cores (a Ray node may declare more CPUs).
+        threads = min(threads, len(os.sched_getaffinity(0))) if threads else None
+        if not threads or threads == self.threads:
+            return getattr(self.worker, method)(*args, **kwargs)
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            return getattr(self.worker, method)(*args, **kwargs)
+        finally:
+            torch.set_num_threads(self.threads)
 
     def teardown(self) -> None:
         from align.engine.deepspeed_engine import teardown  # lazy: torch, see __init__
@@ -148,6 +160,8 @@ class ActorGroup:
                                        f"(cluster has {ray.cluster_resources()})")
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         threads = max(1, int(cfg.cpus_per_actor))
+        self.threads, self.elastic = threads, cfg.elastic_threads and not gpus
+        self._call_threads: Optional[List[int]] = None  # per rank, inside running_alone
         remote = ray.remote(RankActor)
         self.actors = [
             remote.options(
@@ -173,8 +187,9 @@ class ActorGroup:
 
     def call_async(self, method: str, *args, per_rank: Optional[Sequence[tuple]] = None, **kwargs) -> List[Any]:
         """Starts `worker.method` on every rank; `per_rank[r]` gives rank r its own positional args."""
+        threads = self._call_threads or [None] * self.world_size
         return [
-            a.call.remote(method, per_rank[r] if per_rank is not None else args, kwargs)
+            a.call.remote(method, per_rank[r] if per_rank is not None else args, kwargs, threads[r])
             for r, a in enumerate(self.actors)
         ]
 
@@ -327,3 +342,31 @@ def split_even(items: Sequence[Any], n: int) -> tuple:
     size = math.ceil(len(items) / n)
     parts = [list(items[r * size:(r + 1) * size]) for r in range(n)]
     return [p + [items[0]] * (size - len(p)) for p in parts], [len(p) for p in parts]
+
+
+def _node_cpus() -> Dict[str, float]:
+    return {n["NodeID"]: n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")}
+
+
+@contextmanager
+def running_alone(groups: Sequence["ActorGroup"]):
+    """While the block runs, the calls on `groups` are the only work of a stage: each CPU rank
+    uses its node's cores divided among the ranks of `groups` on that node (never fewer threads
+    than its own share). PPO's policy generates on 1 of 2 cores otherwise, while the reference,
+    reward and value actors wait. Groups with `ray.elastic_threads` off, or on GPUs, keep theirs."""
+    elastic = [g for g in groups if g.elastic and g.node_ids]
+    if not elastic:
+        yield
+        return
+    cpus = _node_cpus()
+    busy: Dict[str, int] = {}
+    for g in elastic:
+        for node in g.node_ids:
+            busy[node] = busy.get(node, 0) + 1
+    for g in elastic:
+        g._call_threads = [max(g.threads, int(cpus.get(node, 0) // busy[node])) for node in g.node_ids]
+    try:
+        yield
+    finally:
+        for g in elastic:
+            g._call_threads = None

@@ -8,7 +8,7 @@ import pytest
 from ray import cloudpickle
 
 from align.config import RayConfig
-from align.engine.ray_group import ActorGroup, split_even
+from align.engine.ray_group import ActorGroup, running_alone, split_even
 
 
 class EchoWorker:
@@ -24,6 +24,11 @@ class EchoWorker:
 
     def count(self, rows):
         return len(rows)
+
+    def threads(self):
+        import torch
+
+        return torch.get_num_threads()
 
 
 def test_split_even_pads_to_equal_shares():
@@ -68,3 +73,25 @@ def test_scatter_fewer_rows_than_ranks(echo_group):
     assert counts == [1, 1, 0]
     assert echo_group.get(refs) == [1, 1, 1]
     assert echo_group.gather(echo_group.scatter("echo", ["x", "y"])) == [(0, "x", ""), (1, "y", "")]
+
+
+@pytest.mark.parametrize("elastic", [True, False])
+def test_a_group_running_alone_uses_the_cores_the_others_leave_idle(ray_session, elastic):
+    """A 0.5-CPU rank trains on 1 thread; alone on its node it takes all the node's cores (here
+    the session's Ray CPUs), and gets its own share back after the block."""
+    import ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    group = ActorGroup("alone", RayConfig(num_actors=1, cpus_per_actor=0.5, elastic_threads=elastic))
+    try:
+        group.setup(EchoWorker)
+        import os
+
+        node_cpus = min(int(ray.cluster_resources()["CPU"]), len(os.sched_getaffinity(0)))
+        assert group.call("threads") == [1]
+        with running_alone([group]):
+            inside = group.call("threads")
+        assert inside == [max(1, node_cpus) if elastic else 1]
+        assert group.call("threads") == [1]
+    finally:
+        group.shutdown()

@@ -157,3 +157,33 @@ def test_ppo_with_lora_trains_and_checkpoints_only_the_adapters_and_the_value_he
 def test_ppo_with_lora_resumes_bitwise_from_adapter_only_checkpoints(ppo_lora):
     a, b = ppo_lora["first"], ppo_lora["resumed"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ppo_lora_sharded(sft_model_dir, quick, tmp_path_factory):
+    """Step 1 of the same PPO run as `ppo_lora` with the policy under ZeRO-3 (parameters sharded:
+    generation and the adapter-off reference gather them) and the value model under ZeRO-2."""
+    from rlhf import ppo
+    from rlhf.ppo import PPOConfig
+
+    run_dir = tmp_path_factory.mktemp("ppo_lora_zero")
+    overrides = {**_overrides(sft_model_dir), "policy.zero_stage": 3, "value.zero_stage": 2,
+                 "deepspeed.param_persistence_threshold": 0}
+    cfg = load_config(PPOConfig, "configs/ppo/default.yaml", quick(run_dir, **overrides))
+    stage = ppo.start(cfg)
+    try:
+        return {"groups": tuple(stage.groups), "first": stage.train_step(1)}
+    finally:
+        stage.shutdown()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_ppo_with_lora_under_zero_3_and_2_matches_zero_0(ppo_lora, ppo_lora_sharded):
+    """Same seed, same prompts: the sharded groups sample the same responses, score them the same
+    and take the same first update as the unsharded run, to float summation order."""
+    assert ppo_lora_sharded["groups"] == ("policy", "value")
+    zero0, sharded = ppo_lora["metrics"][1], ppo_lora_sharded["first"]
+    assert sharded["objective/kl"] == 0.0  # the adapter-off reference is the policy at B = 0, sharded too
+    assert sharded["response/length"] == zero0["response/length"]
+    for key in ("objective/scores", "loss/policy", "loss/value", "policy/grad_norm", "value/grad_norm"):
+        assert sharded[key] == pytest.approx(zero0[key], rel=1e-4, abs=1e-6), key
