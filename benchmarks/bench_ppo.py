@@ -47,12 +47,14 @@ def our_config(a):
     from align.generation import SamplingConfig
     from rlhf.ppo import AdvantageConfig, KLConfig, PPOConfig, RolloutConfig
 
-    grpo = a.child == "ours-grpo"
+    grpo = a.child.startswith("ours-grpo")
     critic_free = dict(advantage=AdvantageConfig(estimator="grpo"), rollout=RolloutConfig(group_size=2),
                        kl=KLConfig(coef=KL, estimator="k3", mode="loss")) if grpo else dict(kl=KLConfig(coef=KL))
+    # ours-grpo-refpol: the policy actor holds the reference too (2 groups: policy, reward model).
+    groups = 2 if a.child == "ours-grpo-refpol" else 3 if grpo else 4
     return PPOConfig(model=ModelConfig(name_or_path=a.model), reward_model=a.reward, data=C.data_config(a.data),
-                     **critic_free,
-                     ray=RayConfig(cpus_per_actor=os.cpu_count() / (3 if grpo else 4), object_store_memory=256 * C.MIB),
+                     **critic_free, reference_on_policy=a.child == "ours-grpo-refpol",
+                     ray=RayConfig(cpus_per_actor=os.cpu_count() / groups, object_store_memory=256 * C.MIB),
                      rollout_batch_size=ROLLOUT, generation_batch_size=ROLLOUT, ppo_epochs=EPOCHS,
                      num_minibatches=MINIBATCHES, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
                      optim=OptimConfig(lr=LR), eval_prompts=0, eval_at_start=False,
@@ -106,7 +108,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="rollouts per run (the first is warm-up)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--variants", default="ours,trl")
-    p.add_argument("--child", choices=["ours", "ours-grpo", "trl"])
+    p.add_argument("--child", choices=["ours", "ours-grpo", "ours-grpo-refpol", "trl"])
     p.add_argument("--model", help=f"policy of both (default {C.MODEL}); reward and value models are its "
                                    "scalar-head copy")
     p.add_argument("--out", default="ppo", help="results file stem (benchmarks/results/OUT.md and OUT.json)")
@@ -149,10 +151,11 @@ def main() -> None:
             f"minibatches of {MICRO}, KL weight {KL}, fp32; {a.steps} rollouts x {a.reps} runs, medians over "
             "rollouts 2..N of every run.", ""]
     label = {"ours": "ours (PPO: policy + value)", "ours-grpo": "ours (GRPO, K=2: policy only)",
+             "ours-grpo-refpol": "ours (GRPO, K=2, reference on the policy actor)",
              "trl": "TRL GRPOTrainer (policy only)"}
     for v in (x for x in variants if x.startswith("ours")):
         steady = [s for r in res[v] for s in r["steps"][1:]]  # step 1 is warm-up
-        models = 3 if v == "ours-grpo" else 4  # forwards in inference: policy, reference, reward (+ value)
+        models = 3 if v.startswith("ours-grpo") else 4  # forwards in inference: policy, reference, reward (+ value)
 
         def med(key):
             return statistics.median(s[key] for s in steady)
@@ -163,9 +166,10 @@ def main() -> None:
         gen, train = med("tokens/s_generate"), med("tokens/s_train")
         seq_tokens = statistics.median(s["tokens/s_train"] * s["time/train"] / EPOCHS for s in steady)
         infer = seq_tokens / med("time/inference")
-        groups = ("three groups x 1 actor (policy, reference, reward model), 0.67 CPU each" if v == "ours-grpo"
-                  else "four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each")
-        trained = 1 if v == "ours-grpo" else 2
+        groups = {"ours-grpo": "three groups x 1 actor (policy, reference, reward model), 0.67 CPU each",
+                  "ours-grpo-refpol": "two groups x 1 actor (policy holding the reference, reward model), 1 CPU each",
+                  }.get(v, "four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each")
+        trained = 1 if v.startswith("ours-grpo") else 2
         text += [f"{label[v]}: {groups}, ZeRO-0, micro-batch 16.", "",
                  C.table(["phase", "s / step (median)", "share"], rows), "",
                  C.table(["throughput", "value", "MFU"], [

@@ -127,6 +127,12 @@ class PPOConfig(StageConfig):
     # The value model's start; the reward model by default. The reference; `model` by default.
     value_model: Optional[str] = None
     reference_model: Optional[str] = None
+    # The policy ranks hold the frozen reference too and compute its log-probs, so no reference
+    # group (one process less per rank: its interpreter, torch and DeepSpeed) at the price of the
+    # reference forward running after the policy's instead of beside it. With model.lora the
+    # policy ranks always serve it (their adapter off). The `reference` section's zero_stage
+    # still applies to that copy.
+    reference_on_policy: bool = False
     policy: GroupConfig = field(default_factory=GroupConfig)
     value: GroupConfig = field(default_factory=GroupConfig)
     reference: GroupConfig = field(default_factory=GroupConfig)
@@ -225,6 +231,11 @@ class PPOConfig(StageConfig):
     def adapter_reference(self) -> bool:
         """With LoRA the policy ranks serve the reference (their adapter off): no reference group."""
         return self.model.lora.enabled
+
+    @property
+    def reference_served_by_policy(self) -> bool:
+        """No reference group: the policy ranks serve the reference (LoRA, or reference_on_policy)."""
+        return self.adapter_reference or self.reference_on_policy
 
     @property
     def reward_on_value(self) -> bool:

@@ -145,6 +145,8 @@ class PolicyWorker:
         self.engine = de.init_train_engine(model, ds, cfg.optim, _optimizer_steps(cfg))
         # The generation seam: an optional vLLM engine would provide this same call.
         self.generate_fn = partial(de.generate, self.engine)
+        self.ref_engine = (build_reference_engine(cfg, self.tokenizer)
+                           if cfg.reference_on_policy and not cfg.adapter_reference else None)
         self.step, self.driver_state = 0, {}
         state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
         if state is not None:
@@ -209,8 +211,11 @@ class PolicyWorker:
 
     @torch.no_grad()
     def ref_logprobs(self, rows: Sequence[Row], temperature: Optional[float] = None):
-        """With LoRA: the reference's log-probs, from this policy with its adapter off (the base
-        model exactly), so no reference group is needed."""
+        """The reference's log-probs served by this rank, so no reference group is needed: from
+        its reference copy (reference_on_policy), or with LoRA from this policy with its adapter
+        off (the base model exactly)."""
+        if self.ref_engine is not None:
+            return _logprobs(self.ref_engine, rows, self.tokenizer.pad_token_id, self.cfg, temperature=temperature)
         assert is_lora(self.engine), "ref_logprobs: the policy has no adapter (use the reference group)"
         with as_reference(self.engine):
             return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, temperature=temperature)
@@ -264,7 +269,7 @@ class PolicyWorker:
         return self.de.export_hf(self.engine, self.tokenizer, out_dir, merge=self.cfg.export.merge)
 
     def close(self) -> None:
-        self.engine = self.generate_fn = None
+        self.engine = self.generate_fn = self.ref_engine = None
 
 
 class ValueWorker:
@@ -369,15 +374,20 @@ def _logprobs(engine, rows: Sequence[Row], pad_id: int, cfg, entropy: bool = Fal
     return out
 
 
+def build_reference_engine(cfg, tokenizer):
+    """The frozen reference policy (the SFT model by default), without adapters, as an eval engine."""
+    model = build_causal_lm(replace(cfg.model, name_or_path=cfg.reference_model or cfg.model.name_or_path,
+                                    lora=LoRAConfig()), tokenizer, seed=cfg.seed)
+    return de.init_eval_engine(model, group_deepspeed(cfg, cfg.reference, trained=False), cfg.optim)
+
+
 class ReferenceWorker:
     """One rank of the frozen reference policy (the SFT model): log-probs only."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model)
-        model = build_causal_lm(replace(cfg.model, name_or_path=cfg.reference_model or cfg.model.name_or_path,
-                                        lora=LoRAConfig()), self.tokenizer, seed=cfg.seed)
-        self.engine = de.init_eval_engine(model, group_deepspeed(cfg, cfg.reference, trained=False), cfg.optim)
+        self.engine = build_reference_engine(cfg, self.tokenizer)
 
     @torch.no_grad()
     def logprobs(self, rows: Sequence[Row], temperature: Optional[float] = None) -> List[Dict[str, Any]]:

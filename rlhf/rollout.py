@@ -36,7 +36,8 @@ GROUP_ORDER = ("policy", "value", "reference", "reward")
 # without a reference or reward group (LoRA), ON_ADAPTER_OFF says who serves them.
 INFERENCE = (("policy", "logprobs", {"entropy": True}), ("reference", "logprobs", {}),
              ("value", "values", {}), ("reward", "scores", {}))
-# With LoRA the trained groups serve the frozen ones with their adapters off (rlhf/ppo.py).
+# With LoRA the trained groups serve the frozen ones with their adapters off (rlhf/ppo.py); with
+# reference_on_policy the policy ranks serve the reference from their own copy.
 ON_ADAPTER_OFF = {"reference": ("policy", "ref_logprobs"), "reward": ("value", "reward_scores")}
 # The trained groups, and the per-row fields their train_minibatch reads from the Trajectory.
 TRAIN_FIELDS = {"policy": {"old_logprobs": "logprobs", "advantages": "advantages"},
@@ -47,11 +48,11 @@ def groups_for(cfg) -> Tuple[str, ...]:
     """The groups a run starts: the value model only for an estimator that needs one (gae), the
     reward model only when a reward.fns term is "reward_model", the reference only without LoRA
     (with it, the policy ranks serve the reference with their adapter off, and a value model
-    started from the reward model serves the reward). Everything else iterates over the groups
-    present."""
+    started from the reward model serves the reward; with reference_on_policy the policy ranks
+    hold a reference copy). Everything else iterates over the groups present."""
     return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
                  and (g != "reward" or cfg.uses_reward_model and not cfg.reward_on_value)
-                 and (g != "reference" or not cfg.adapter_reference))
+                 and (g != "reference" or not cfg.reference_served_by_policy))
 
 
 def train_fields(cfg) -> Dict[str, Dict[str, str]]:
@@ -198,12 +199,13 @@ class RolloutStage:
         group) and the rollout's rewards (B,) (the given `scores` if any: the reward group then
         skips). Tensors (B, T) are right-padded."""
         rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
-        pending = {}  # every call is submitted before any result is read; one group runs its calls in order
-        for g, method, kwargs in INFERENCE:
-            name, method = self._route(g, method)
-            if name in self.groups and not (g == "reward" and scores is not None):
-                pending[g] = (name, self.groups[name].scatter(method, rows, **kwargs))
-        out = {g: self.groups[name].gather(p) for g, (name, p) in pending.items()}
+        calls = [(g, *self._route(g, method), kwargs) for g, method, kwargs in INFERENCE]
+        calls = [c for c in calls if c[1] in self.groups and not (c[0] == "reward" and scores is not None)]
+        busy = [self.groups[name] for name in dict.fromkeys(name for _, name, _, _ in calls)]
+        with running_alone(busy):  # e.g. GRPO with a rule reward: the policy ranks alone
+            # Every call is submitted before any result is read; one group runs its calls in order.
+            pending = {g: (name, self.groups[name].scatter(method, rows, **kwargs)) for g, name, method, kwargs in calls}
+            out = {g: self.groups[name].gather(p) for g, (name, p) in pending.items()}
         rewards = ({"scores": scores, "reward_terms": {}} if scores is not None
                    else self._combine(rollout, out.get("reward", [])))
         return {"rows": rows, "mask": pad_right([torch.ones(len(r)) for r in rollout["response"]]),

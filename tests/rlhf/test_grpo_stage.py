@@ -25,6 +25,7 @@ def constant_reward(prompts, responses, extras):
 @pytest.mark.parametrize("path, overrides, groups", [
     ("configs/ppo/default.yaml", [], ("policy", "value", "reference", "reward")),
     (GRPO, [], ("policy", "reference")),
+    (GRPO, ["reference_on_policy=true"], ("policy",)),
     ("configs/ppo/rloo.yaml", [], ("policy", "reference")),
     ("configs/ppo/reinforce_pp.yaml", [], ("policy", "reference")),
     # A reward-model term brings the reward group back, not the value group.
@@ -205,20 +206,25 @@ def test_grpo_update_is_the_same_on_two_ranks_with_more_micro_batches(grpo_first
                                                                       tmp_path_factory):
     """The 1-rank update (2 micro-batches of 16) replayed on a 2-rank ZeRO-2 policy with 4
     micro-batches of 4 per rank: seq_mean_token_mean's global normaliser gives the same loss,
-    gradient norm and updated log-probs (float32 reduction order aside)."""
+    gradient norm and updated log-probs (float32 reduction order aside). The 2 policy ranks also
+    hold the reference (reference_on_policy): no reference group, the same reference log-probs."""
     from rlhf import ppo
     from rlhf.ppo import PPOConfig
 
     one = grpo_first_step
     cfg = load_config(PPOConfig, GRPO, quick(tmp_path_factory.mktemp("grpo_two"), **grpo_overrides(
-        sft_model_dir, **{"policy.num_actors": 2, "policy.zero_stage": 2, "deepspeed.micro_batch_size": 4})))
+        sft_model_dir, **{"policy.num_actors": 2, "policy.zero_stage": 2, "deepspeed.micro_batch_size": 4,
+                          "reference_on_policy": True})))
     two = ppo.start(cfg)
     try:
+        assert sorted(two.groups) == ["policy"]
         exp = two.algorithm.experience(two, one["rollout"])
         train = two.algorithm.train(two, exp, 1)
         after = two.logprobs(exp["rows"])
     finally:
         two.shutdown()
+    torch.testing.assert_close(exp["trajectory"].ref_logprobs, one["exp"]["trajectory"].ref_logprobs,
+                               atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(exp["trajectory"].advantages, one["exp"]["trajectory"].advantages)
     for key in ("loss/policy", "policy/grad_norm", "policy/ratio"):
         assert train[key] == pytest.approx(one["train"][key], rel=1e-3, abs=1e-5), key
