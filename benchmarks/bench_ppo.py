@@ -1,7 +1,13 @@
-"""PPO: our per-step time split, and the per-rollout time of TRL's online RL trainer at the same
-rollout size and response length.
+"""PPO and GRPO: our per-step time split, and the per-rollout time of TRL's online RL trainer at the
+same rollout size and response length.
 
-    .venv/bin/python benchmarks/bench_ppo.py        # ours and TRL x 2 reps: about 6-8 min on 2 cores
+    .venv/bin/python benchmarks/bench_ppo.py        # ours (PPO) and TRL x 2 reps: about 6-8 min on 2 cores
+    .venv/bin/python benchmarks/bench_ppo.py --variants ours,ours-grpo,ours-grpo-refpol,trl   # ~12 min
+
+Variants: `ours` (PPO with a value model), `ours-grpo` (our GRPO at TRL's settings: 2 samples per
+prompt, the k3 KL as a loss term, the reward model as the reward; policy, reference and reward
+groups), `ours-grpo-refpol` (the same with `reference_on_policy`: the policy actor holds the
+reference, so 2 groups), `trl`.
 
 TRL 1.16 ships no PPOTrainer (`hasattr(trl, "PPOTrainer")` is False, and none is under
 trl.experimental), so the peer is its GRPOTrainer, the trainer a TRL user runs for online RL from a

@@ -1,7 +1,7 @@
 """Where one of our training steps spends its time: the stage's worker (the same class that runs
 inside the Ray actor) built in this process as a 1-rank gloo group, with the benchmark's settings.
 
-    .venv/bin/python benchmarks/profile_step.py --stage dpo     # or sft, rm; about 1-2 min
+    .venv/bin/python benchmarks/profile_step.py --stage dpo     # or sft, rm, grpo; about 1-2 min
 
 Prints (and writes benchmarks/results/profile_<stage>.md): the step time in-process (no Ray) next to
 the op time torch.profiler sees, the ops by self CPU time, and from cProfile the cumulative time of
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common as C  # noqa: E402
 
-SPLITS = {"dpo": ("preferences", False), "sft": ("sft", False), "rm": ("preferences", True)}
+SPLITS = {"dpo": ("preferences", False), "sft": ("sft", False), "rm": ("preferences", True), "grpo": ("prompts", False)}
 # Functions whose cumulative time names the phases of a step (matched by name, any module).
 PHASES = ("train_step", "sequence_logprobs", "sequence_scores", "forward", "backward", "_engine_run_backward",
           "allreduce_gradients", "buffered_allreduce_fallback", "allreduce_bucket", "step", "_take_model_step",
@@ -51,10 +51,43 @@ def worker(stage: str, a):
     elif stage == "sft":
         from benchmarks.bench_sft import our_config
         from rlhf.sft import SFTWorker as cls
+    elif stage == "grpo":
+        return GRPOUpdate(a)
     else:
         from benchmarks.bench_rm import our_config
         from reward_model.train import RMWorker as cls
     return cls(our_config(a))
+
+
+class GRPOUpdate:
+    """`--stage grpo`: the policy rank of bench_ppo's ours-grpo (tiny-30m, 32 rows of <= 32 new
+    tokens) samples one rollout; a "step" is then one minibatch update (16 rows, one optimizer
+    step), as the rollout's update runs 4 of them."""
+
+    def __init__(self, a):
+        import torch
+
+        from benchmarks.bench_ppo import our_config
+        from rlhf.ppo_workers import PolicyWorker
+
+        a.child, a.reward = "ours-grpo", a.model
+        self.worker = PolicyWorker(our_config(a))
+        self.engine = self.worker.engine
+        rollout = self.worker.rollout(1)
+        rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
+        logps = [o["logprobs"] for o in self.worker.logprobs(rows)]
+        gen = torch.Generator().manual_seed(0)
+        self.rows = [dict(row, old_logprobs=lp, ref_logprobs=lp, advantages=torch.randn(len(lp), generator=gen))
+                     for row, lp in zip(rows, logps)]
+        self.i = 0
+
+    def train_step(self):
+        part = self.rows[16 * (self.i % 2):16 * (self.i % 2) + 16]
+        self.i += 1
+        return self.worker.train_minibatch(part, num_tokens=float(len(part)))
+
+    def close(self):
+        self.worker.close()
 
 
 def overheads(engine, reps: int = 3):
