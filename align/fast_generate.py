@@ -1,25 +1,22 @@
-"""A sampling loop for causal LMs with a static KV cache behind the `generate_fn` seam of
-align/generation.py, with exactly generate's distribution (the same seed gives the same tokens).
+"""Sampling behind the `generate_fn` seam of align/generation.py, with exactly generate's
+distribution (the same seed gives the same tokens up to float rounding at a draw's boundary).
+align.engine.deepspeed_engine.generate uses it by default outside ZeRO-3.
 
     generate_fn = fast_generate_fn(model)
     samples = align.generation.sample(generate_fn, tokenizer, prompt_ids, sampling_cfg)
 
 What it does differently from `generate`:
-  - the KV cache is allocated once (transformers.StaticCache) and written in place, instead of
-    concatenated onto at every step (aten::cat is 12-18% of a SmolLM2-135M decode step on CPU);
-  - the prefill computes logits for the last prompt position only;
+  - decoding runs on align.models.kv_decode.KVDecoder: one preallocated K/V buffer per layer,
+    written in place, and identical prompt rows (the K samples of a prompt) prefilled once;
   - top-p sampling finds the nucleus among the `candidates` most likely tokens (a top-k, no
     full-vocabulary sort), falling back to the full sort for a row whose candidates hold less
     than top_p mass;
-  - the loop stops when every row has produced EOS;
+  - the loop stops when every row has produced one of the stop tokens;
   - it can return the sampled tokens' log-probs, so a rollout need not recompute them.
-NOT yet faster on CPU: measured against `generate` on SmolLM2-135M (fp32, 1 thread, a heavily
-shared machine, same seed, same tokens) it ran at 0.67-1.37x generate's speed, within the
-noise. Without torch.compile, StaticCache attends over the whole preallocated length and its
-mask handling costs more per step than the cat it saves (profile at batch 32: sdpa 160 vs 87 ms,
-mul 128 vs 9 ms). The speed-up the issue asks for needs a decode step of our own (per-layer K/V
-slices, fused QKV and gate/up matmuls) or a compiled one; this module is the tested seam and
-sampler for that.
+Speed (benchmarks/bench_generate.py, results/generate_smollm2.md): on SmolLM2-135M at batch 32 the
+fp32 decode step is bound by reading the weights (the 49k x 576 LM head alone is 12 ms of it) and
+the prompt pass by the fp32 matmul peak, so most of the gain comes from sharing the prompt pass
+within groups and from bf16 linear layers.
 
 Distribution: temperature, then top-p (the nucleus: the smallest set of most likely tokens
 whose probability reaches top_p, renormalised; transformers' TopPLogitsWarper), then one
@@ -34,9 +31,12 @@ reuse them as old log-probs.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
+
+from align.models.autocast import cached_casts
+from align.models.kv_decode import KVDecoder
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -79,34 +79,43 @@ def sample_next(logits: torch.Tensor, do_sample: bool = True, temperature: float
 @torch.no_grad()
 def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = 0,
-                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                  eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, return_logprobs: bool = False,
                   candidates: int = 256) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Samples up to `max_new_tokens` per row of left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns (B, P + N) ids, prompt then new tokens (pad after
     a row's EOS; N <= max_new_tokens, fewer when every row ended), like `generate`; with
-    `return_logprobs`, also (B, N) log-probs of the new tokens (0 after EOS).
+    `return_logprobs`, also (B, N) log-probs of the new tokens (0 after EOS). `eos_token_id`: one
+    id or several (any of them ends a row). An architecture align.models.kv_decode does not
+    handle is sampled by the model's own `generate` (without log-probs).
     """
-    from transformers import StaticCache
-
     if top_k not in (None, 0):
         raise ValueError("fast_generate does not implement top_k; use top_p")
     if eos_token_id is None or pad_token_id is None:
         raise ValueError("fast_generate needs eos_token_id and pad_token_id")
-    batch, prompt_len = input_ids.shape
-    device = input_ids.device
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
-    mask = torch.zeros(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
-    mask[:, :prompt_len] = attention_mask
-    positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
-    out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    next_position = positions[:, -1:] + 1  # (B, 1): left padding puts every row's last token at P - 1
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    decoder = KVDecoder.for_model(model, input_ids.shape[1] + max_new_tokens)
+    if decoder is None:
+        if return_logprobs:
+            raise ValueError(f"fast_generate: no log-probs for {type(model).__name__}; it samples with generate")
+        kwargs = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              **kwargs)
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                         device=input_ids.device)
+    with cached_casts(model):
+        return _decode(decoder, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p, stops,
+                       pad_token_id, generator, return_logprobs, candidates)
+
+
+def _decode(decoder, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p, stops, pad_token_id,
+            generator, return_logprobs, candidates):
+    batch = input_ids.shape[0]
+    logits = decoder.start(input_ids, attention_mask, max_new_tokens)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens, logps = [], []
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1]
         token = sample_next(logits, do_sample, temperature, top_p, generator, candidates)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         if return_logprobs:
@@ -115,12 +124,10 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             lp = scaled.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(scaled, -1)
             logps.append(torch.where(finished, torch.zeros_like(lp), lp))
         tokens.append(token)
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        mask[:, prompt_len + step] = 1
-        out = model(input_ids=token[:, None], attention_mask=mask[:, :prompt_len + step + 1],
-                    position_ids=next_position + step, cache=cache, use_cache=True)
+        logits = decoder.step(token)
     ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
     return (ids, torch.stack(logps, 1)) if return_logprobs else ids
 

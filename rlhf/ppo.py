@@ -149,6 +149,9 @@ class PPOConfig(StageConfig):
     # ZeRO-3 policy: gather the full weights on every rank for generation (fast); off, each
     # decoding step gathers layer by layer (slow, but the model never has to fit on one device).
     gather_for_generation: bool = True
+    # auto: our K/V-buffer sampler (align.fast_generate) where the architecture allows and the
+    # policy is not ZeRO-3; transformers: always transformers' generate.
+    generation_backend: str = "auto"
     # Passes over each rollout batch, and optimizer steps per pass.
     ppo_epochs: int = 2
     num_minibatches: int = 2
@@ -178,6 +181,7 @@ class PPOConfig(StageConfig):
         check_positive("kl.coef", self.kl.coef, allow_zero=True)
         check_choice("kl.mode", self.kl.mode, list(KL_MODES))
         check_choice("advantage.estimator", self.advantage.estimator, list(ADVANTAGE_ESTIMATORS))
+        check_choice("generation_backend", self.generation_backend, ["auto", "transformers"])
         if self.loss.aggregation is not None:
             check_choice("loss.aggregation", self.loss.aggregation, list(AGGREGATIONS))
         for key in ("clip_low", "clip_high"):

@@ -144,7 +144,7 @@ class PolicyWorker:
         ds = group_deepspeed(cfg, cfg.policy, trained=True, grad_accum_steps=self.gas)
         self.engine = de.init_train_engine(model, ds, cfg.optim, _optimizer_steps(cfg))
         # The generation seam: an optional vLLM engine would provide this same call.
-        self.generate_fn = partial(de.generate, self.engine)
+        self.generate_fn = partial(de.generate, self.engine, backend=cfg.generation_backend)
         self.ref_engine = (build_reference_engine(cfg, self.tokenizer)
                            if cfg.reference_on_policy and not cfg.adapter_reference else None)
         self.step, self.driver_state = 0, {}

@@ -304,16 +304,30 @@ def gathered_parameters(engine):
         yield
 
 
-def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-    """`generate` that works under ZeRO-3: ranks stay in step while lengths differ."""
+def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, backend: str = "auto",
+             **kwargs) -> torch.Tensor:
+    """Samples continuations of left-padded prompts. backend "auto": align.fast_generate (a
+    static K/V buffer per layer, the prompt shared by identical rows) for the architectures it
+    handles outside ZeRO-3, otherwise transformers' `generate`, which keeps ZeRO-3 ranks in step
+    while lengths differ; "transformers": always `generate`."""
+    if backend not in ("auto", "transformers"):
+        raise ValueError(f"generation backend {backend!r}: expected auto or transformers")
     module = engine.module
     was_training = module.training
     module.eval()
-    sync = is_zero3(engine) and world_size() > 1
+    zero3 = is_zero3(engine)
+    from align.fast_generate import fast_generate
     from align.models.autocast import cached_casts
+    from align.models.kv_decode import KVDecoder
 
+    fast = backend == "auto" and not zero3 and KVDecoder.for_model(
+        module, input_ids.shape[1] + kwargs.get("max_new_tokens", 0)) is not None
     with torch.no_grad(), cached_casts(module):
-        out = module.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=sync, **kwargs)
+        if fast:
+            out = fast_generate(module, input_ids, attention_mask, **kwargs)
+        else:
+            out = module.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  synced_gpus=zero3 and world_size() > 1, **kwargs)
     module.train(was_training)
     return out
 
