@@ -106,7 +106,7 @@ def child_trl(a) -> dict:
     steps = clock.step_s()
     rollouts = [sum(steps[i:i + per_rollout]) for i in range(0, len(steps) - per_rollout + 1, per_rollout)]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"rollout_s": rollouts, "mean_length": lengths, "first_step_at": clock.first_step_at}
+    return {"rollout_s": rollouts, "step_s": steps, "mean_length": lengths, "first_step_at": clock.first_step_at}
 
 
 def main() -> None:
