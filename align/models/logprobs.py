@@ -101,7 +101,8 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     if any(hasattr(p, "ds_id") and not p.requires_grad for p in head.parameters()):
         recompute = False
     parts, ents = [], []
-    for start in range(0, n, chunk):
+    for start in range(0, _num_chunks(head, n, chunk, hidden.device) * chunk, chunk):
+        # Past n (a rank with fewer positions than another, under ZeRO-3) the chunk is empty.
         args = (head, hidden[start:start + chunk], targets[start:start + chunk], temperature, softcap, entropy)
         if recompute:
             logps, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
@@ -109,10 +110,27 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
             logps, ent = _chunk_logps(*args)
         parts.append(logps)
         ents.append(ent)
-    if n == 0:
+    if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if entropy else None)
+    # Empty chunks stay in the graph, so their backward (a collective too) runs on every rank.
     return torch.cat(parts), (torch.cat(ents) if entropy else None)
+
+
+def _num_chunks(head: torch.nn.Module, n: int, chunk: int, device: torch.device) -> int:
+    """How many chunks `head_logprobs` runs for `n` positions: ceil(n / chunk), or, when ZeRO-3
+    partitions the head, the most of any rank. Each call of such a head is a collective (its
+    hooks all-gather the weight), so every rank must call it as often: a rank with fewer scored
+    positions, or none (an eval micro-batch of padding rows only), runs empty chunks rather than
+    leave the others waiting in the all-gather."""
+    count = -(-n // chunk)
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    dist = torch.distributed
+    if params and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(count, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=getattr(params[0], "ds_process_group", None))
+        count = int(t.item())
+    return count
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape) -> torch.Tensor:
