@@ -109,6 +109,25 @@ def child_trl(a) -> dict:
     return {"rollout_s": rollouts, "step_s": steps, "mean_length": lengths, "first_step_at": clock.first_step_at}
 
 
+def trl_split(runs) -> list:
+    """TRL's rollout in two parts, from its optimizer steps' times: the first step of a rollout
+    generates, scores and runs the reference and old-policy forwards before its update; the other
+    steps are updates only."""
+    per = EPOCHS * MINIBATCHES
+    firsts, updates = [], []
+    for r in runs:
+        steps = r.get("step_s") or []
+        for i in range(per, len(steps) - per + 1, per):  # rollout 1 is warm-up
+            firsts.append(steps[i])
+            updates += steps[i + 1:i + per]
+    if not updates:
+        return []
+    update = statistics.median(updates)
+    return [f"- TRL's rollout split: generation + scoring + reference/old forwards "
+            f"{statistics.median(firsts) - update:.2f} s (first step minus a median update), "
+            f"{per} updates x {update:.2f} s."]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6, help="rollouts per run (the first is warm-up)")
@@ -206,6 +225,7 @@ def main() -> None:
         ["end-to-end wall s", *(C.spread(cols[v]["wall"]) for v in variants)],
         ["peak RSS MiB, largest training process", *(C.spread(cols[v]["train"]) for v in variants)],
         ["peak PSS MiB, whole process tree", *(C.spread(cols[v]["tree"]) for v in variants)]]), "",
+        *(trl_split(res["trl"]) if "trl" in res else []),
         f"- Peak matmul: {peak1 / 1e9:.1f} GFLOP/s on 1 thread, {peak / 1e9:.1f} on {os.cpu_count()} (fp32, best of "
         f"5, before and after). MFU = 2 x params per generated token; 2 x params x 4 models per inference "
         f"token; 6 x params x 2 models per trained token. Load before {load_before}, after {C.load_line()}."]
