@@ -100,3 +100,45 @@ def test_logprobs_match_plain_transformers(smollm2_dir, tokenizer):
         diff = (lp.sum.double() - expected).abs().max().item()
         assert diff <= 1e-4, (name, diff)
     assert expected.min() < -5  # real sums over real responses, not near-zero values
+
+
+def test_sampler_on_the_real_model(smollm2_dir, tokenizer):
+    """Our sampler (align.fast_generate) on SmolLM2-135M-Instruct, chat-templated prompts, two
+    samples per prompt: greedy tokens equal transformers' generate; sampled tokens equal generate's
+    with the same seed; their log-probs equal the trainer's (sequence_logprobs) to 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    from align.fast_generate import fast_generate
+    from align.models.logprobs import sequence_logprobs
+    from align.models.tokenizer import stop_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True)["input_ids"] for p, _, _ in PAIRS]
+    rows = [p for p in prompts for _ in range(2)]
+    width, pad, stops = max(map(len, rows)), tokenizer.pad_token_id, stop_token_ids(tokenizer)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    kw = dict(eos_token_id=stops, pad_token_id=pad)
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **kw)
+        assert fast_generate(model, ids, mask, 12, do_sample=False, **kw).tolist() == greedy.tolist()
+        torch.manual_seed(5)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                                temperature=0.9, top_p=0.95, top_k=0, **kw)
+        torch.manual_seed(5)
+        ours, logps = fast_generate(model, ids, mask, 12, temperature=0.9, top_p=0.95, return_logprobs=True, **kw)
+    assert ours.tolist() == theirs.tolist()
+    responses = []
+    for r in ours[:, width:].tolist():
+        end = next((t for t, tok in enumerate(r) if tok in stops), None)
+        responses.append(r[: end + 1] if end is not None else r)
+    full = max(len(p) + len(r) for p, r in zip(rows, responses))
+    inp = torch.tensor([p + r + [pad] * (full - len(p) - len(r)) for p, r in zip(rows, responses)])
+    att = torch.tensor([[1] * (len(p) + len(r)) + [0] * (full - len(p) - len(r)) for p, r in zip(rows, responses)])
+    lm = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (full - len(p) - len(r)) for p, r in zip(rows, responses)])
+    with torch.no_grad():
+        ref = sequence_logprobs(model, inp, att, lm, temperature=0.9).token_logps
+    for i, (p, r) in enumerate(zip(rows, responses)):
+        torch.testing.assert_close(logps[i, :len(r)], ref[i, len(p):len(p) + len(r)], rtol=0, atol=1e-4)
+    assert min(map(len, responses)) > 0 and float(logps.sum()) < -1  # real samples, not all certain tokens
