@@ -81,12 +81,13 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = 0,
                   eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, return_logprobs: bool = False,
-                  candidates: int = 256) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                  candidates: int = 256, return_entropy: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Samples up to `max_new_tokens` per row of left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns (B, P + N) ids, prompt then new tokens (pad after
     a row's EOS; N <= max_new_tokens, fewer when every row ended), like `generate`; with
-    `return_logprobs`, also (B, N) log-probs of the new tokens (0 after EOS). `eos_token_id`: one
+    `return_logprobs`, also (B, N) log-probs of the new tokens (0 after EOS); with `return_entropy`
+    as well, then (B, N) entropies of the distributions they were drawn from (the same convention). `eos_token_id`: one
     id or several (any of them ends a row). An architecture align.models.kv_decode does not
     handle is sampled by the model's own `generate` (without log-probs).
     """
@@ -106,15 +107,15 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                          device=input_ids.device)
     with cached_casts(model):
         return _decode(decoder, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p, stops,
-                       pad_token_id, generator, return_logprobs, candidates)
+                       pad_token_id, generator, return_logprobs, candidates, return_entropy)
 
 
 def _decode(decoder, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_p, stops, pad_token_id,
-            generator, return_logprobs, candidates):
+            generator, return_logprobs, candidates, return_entropy=False):
     batch = input_ids.shape[0]
     logits = decoder.start(input_ids, attention_mask, max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    tokens, logps = [], []
+    tokens, logps, entropies = [], [], []
     for step in range(max_new_tokens):
         token = sample_next(logits, do_sample, temperature, top_p, generator, candidates)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -123,13 +124,19 @@ def _decode(decoder, input_ids, attention_mask, max_new_tokens, do_sample, tempe
             scaled = logits.float() / temperature if do_sample and temperature != 1.0 else logits.float()
             lp = scaled.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(scaled, -1)
             logps.append(torch.where(finished, torch.zeros_like(lp), lp))
+            if return_entropy:
+                log_p = torch.log_softmax(scaled, -1)
+                ent = -(log_p.exp() * log_p).sum(-1)
+                entropies.append(torch.where(finished, torch.zeros_like(ent), ent))
         tokens.append(token)
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         logits = decoder.step(token)
     ids = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
-    return (ids, torch.stack(logps, 1)) if return_logprobs else ids
+    if not return_logprobs:
+        return ids
+    return (ids, torch.stack(logps, 1), torch.stack(entropies, 1)) if return_entropy else (ids, torch.stack(logps, 1))
 
 
 def fast_generate_fn(model, generator: Optional[torch.Generator] = None, candidates: int = 256) -> Callable:

@@ -31,17 +31,24 @@ class Samples:
     response_ids: List[List[int]]  # EOS included when the response ended with it
     texts: List[str]  # decoded responses, special tokens removed
     ended_with_eos: List[bool]
+    # With `sample(..., with_logprobs=True)` and a sampler that returns them (align.fast_generate):
+    # each response token's log-prob (R,) under the sampling distribution, and each response's
+    # summed entropy; None where the sampler could not (transformers' generate).
+    logprobs: Optional[List[Optional[torch.Tensor]]] = None
+    entropy: Optional[List[Optional[float]]] = None
 
 
 def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
            micro_batch_size: int = 16, seed: Optional[int] = None,
-           device: Optional[torch.device] = None) -> Samples:
-    """Samples one response per prompt, in micro-batches of left-padded prompts on `device`."""
+           device: Optional[torch.device] = None, with_logprobs: bool = False) -> Samples:
+    """Samples one response per prompt, in micro-batches of left-padded prompts on `device`.
+    `with_logprobs`: `generate_fn` takes with_logprobs=True and returns (ids, log-probs, entropies)
+    (align.engine.deepspeed_engine.generate), kept per response in Samples.logprobs / .entropy."""
     if seed is not None:
         torch.manual_seed(seed)
     # The chat template's end-of-turn token and EOS both end a response (the first is listed first).
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    responses, texts, ended = [], [], []
+    responses, texts, ended, logprobs, entropy = [], [], [], [], []
     for start in range(0, len(prompt_ids), micro_batch_size):
         chunk = [{"prompt_ids": list(p)} for p in prompt_ids[start:start + micro_batch_size]]
         batch = collate_prompts(chunk, pad)
@@ -49,16 +56,23 @@ def sample(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]]
                       pad_token_id=pad)
         if cfg.do_sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        if with_logprobs:
+            kwargs["with_logprobs"] = True
         out = generate_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device), **kwargs)
+        out, logps, ents = out if with_logprobs else (out, None, None)
         width = batch["input_ids"].shape[1]
-        for row in out[:, width:].tolist():
+        for i, row in enumerate(out[:, width:].tolist()):
             # Tokens after EOS are padding; a row without EOS ran out of new tokens (never padded).
             end = next((t for t, token in enumerate(row) if token in stops), None)
             response = row[: end + 1] if end is not None else row
             responses.append(response)
             ended.append(end is not None)
             texts.append(tokenizer.decode(response, skip_special_tokens=True).strip())
-    return Samples([list(p) for p in prompt_ids], responses, texts, ended)
+            logprobs.append(None if logps is None else logps[i, :len(response)].float().cpu())
+            entropy.append(None if ents is None else float(ents[i, :len(response)].sum()))
+    if not with_logprobs:
+        logprobs = entropy = None
+    return Samples([list(p) for p in prompt_ids], responses, texts, ended, logprobs, entropy)
 
 
 def sample_per_prompt(generate_fn: Callable, tokenizer, prompt_ids: Sequence[Sequence[int]], k: int,

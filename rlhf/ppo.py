@@ -102,6 +102,11 @@ class RolloutConfig:
     # with groups of new prompts, at most `max_refill_rounds` extra rollouts per step.
     dynamic_sampling: bool = False
     max_refill_rounds: int = 2
+    # Old log-probs (and the entropy metric) from the sampler, which computes them while sampling
+    # with the same weights, instead of a policy forward over the rollout. Falls back to the
+    # forward where transformers samples (ZeRO-3, generation_backend=transformers, other
+    # architectures). In fp32 they equal the forward's to ~1e-5; in bf16 to bf16's noise.
+    logprobs_from_sampler: bool = True
 
 
 @dataclass

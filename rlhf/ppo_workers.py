@@ -161,7 +161,7 @@ class PolicyWorker:
         return {"start_step": self.step, "driver_state": self.driver_state, "prompts": len(self.batches.dataset),
                 "data_report": dict(self.report)}
 
-    def _sample(self, rows: Sequence[Row], sampling, seed: int) -> Dict[str, list]:
+    def _sample(self, rows: Sequence[Row], sampling, seed: int, with_logprobs: bool = False) -> Dict[str, list]:
         """Samples one response per data row; prompt_text and extras are the rows' own (the gold
         scorer and the reward functions read the text as written, not the chat-templated one)."""
         prompts = [e["prompt_ids"] for e in rows]
@@ -169,17 +169,22 @@ class PolicyWorker:
         gather = self.de.gathered_parameters(self.engine) if self.cfg.gather_for_generation else nullcontext()
         with gather:
             out = sample(self.generate_fn, self.tokenizer, prompts, sampling,
-                         micro_batch_size=self.cfg.generation_batch_size, seed=seed, device=self.de.device())
-        return {"prompt": out.prompt_ids, "response": out.response_ids, "eos": out.ended_with_eos,
-                "text": out.texts, "prompt_text": [e["prompt_text"] for e in rows],
-                "extras": [e.get("extras") or "" for e in rows]}
+                         micro_batch_size=self.cfg.generation_batch_size, seed=seed, device=self.de.device(),
+                         with_logprobs=with_logprobs)
+        result = {"prompt": out.prompt_ids, "response": out.response_ids, "eos": out.ended_with_eos,
+                  "text": out.texts, "prompt_text": [e["prompt_text"] for e in rows],
+                  "extras": [e.get("extras") or "" for e in rows]}
+        if with_logprobs:
+            result.update(sampler_logprobs=out.logprobs, sampler_entropy=out.entropy)
+        return result
 
     def rollout(self, step: int) -> Dict[str, list]:
         """Samples rollout.group_size responses for each of this rank's prompts of PPO step `step`
         (prompt-major: the K samples of a prompt are consecutive rows, one group)."""
         k = self.cfg.rollout.group_size
         batch = [e for e in next(self.data_iter) for _ in range(k)]
-        return self._sample(batch, self.cfg.sampling, seed=self.cfg.seed + 7919 * step + self.de.rank())
+        return self._sample(batch, self.cfg.sampling, seed=self.cfg.seed + 7919 * step + self.de.rank(),
+                            with_logprobs=self.cfg.rollout.logprobs_from_sampler)
 
     def eval_rollout(self, num_prompts: int) -> Dict[str, list]:
         """Samples the first `num_prompts` eval prompts (this rank's contiguous share, padded to

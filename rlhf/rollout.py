@@ -199,13 +199,19 @@ class RolloutStage:
         group) and the rollout's rewards (B,) (the given `scores` if any: the reward group then
         skips). Tensors (B, T) are right-padded."""
         rows = [{"prompt": p, "response": r} for p, r in zip(rollout["prompt"], rollout["response"])]
+        # The sampler's log-probs, taken with the same weights, stand for the policy's forward.
+        sampled = rollout.get("sampler_logprobs")
+        from_sampler = sampled is not None and all(lp is not None for lp in sampled)
         calls = [(g, *self._route(g, method), kwargs) for g, method, kwargs in INFERENCE]
-        calls = [c for c in calls if c[1] in self.groups and not (c[0] == "reward" and scores is not None)]
+        calls = [c for c in calls if c[1] in self.groups and not (c[0] == "reward" and scores is not None)
+                 and not (c[0] == "policy" and from_sampler)]
         busy = [self.groups[name] for name in dict.fromkeys(name for _, name, _, _ in calls)]
         with running_alone(busy):  # e.g. GRPO with a rule reward: the policy ranks alone
             # Every call is submitted before any result is read; one group runs its calls in order.
             pending = {g: (name, self.groups[name].scatter(method, rows, **kwargs)) for g, name, method, kwargs in calls}
             out = {g: self.groups[name].gather(p) for g, (name, p) in pending.items()}
+        if from_sampler:
+            out["policy"] = [{"logprobs": lp, "entropy": e} for lp, e in zip(sampled, rollout["sampler_entropy"])]
         rewards = ({"scores": scores, "reward_terms": {}} if scores is not None
                    else self._combine(rollout, out.get("reward", [])))
         return {"rows": rows, "mask": pad_right([torch.ones(len(r)) for r in rollout["response"]]),

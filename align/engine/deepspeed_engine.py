@@ -305,11 +305,13 @@ def gathered_parameters(engine):
 
 
 def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, backend: str = "auto",
-             **kwargs) -> torch.Tensor:
+             with_logprobs: bool = False, **kwargs):
     """Samples continuations of left-padded prompts. backend "auto": align.fast_generate (a
     static K/V buffer per layer, the prompt shared by identical rows) for the architectures it
     handles outside ZeRO-3, otherwise transformers' `generate`, which keeps ZeRO-3 ranks in step
-    while lengths differ; "transformers": always `generate`."""
+    while lengths differ; "transformers": always `generate`. Returns the (B, P + N) ids; with
+    `with_logprobs`, (ids, log-probs (B, N), entropies (B, N)) of the sampled tokens, both None
+    when transformers sampled."""
     if backend not in ("auto", "transformers"):
         raise ValueError(f"generation backend {backend!r}: expected auto or transformers")
     module = engine.module
@@ -324,10 +326,12 @@ def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, back
         module, input_ids.shape[1] + kwargs.get("max_new_tokens", 0)) is not None
     with torch.no_grad(), cached_casts(module):
         if fast:
-            out = fast_generate(module, input_ids, attention_mask, **kwargs)
+            out = fast_generate(module, input_ids, attention_mask, return_logprobs=with_logprobs,
+                                return_entropy=with_logprobs, **kwargs)
         else:
             out = module.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   synced_gpus=zero3 and world_size() > 1, **kwargs)
+            out = (out, None, None) if with_logprobs else out
     module.train(was_training)
     return out
 

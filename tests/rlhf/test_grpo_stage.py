@@ -90,6 +90,8 @@ def grpo_first_step(sft_model_dir, quick, tmp_path_factory):
         groups = sorted(stage.groups)
         rollout = stage.rollout(1)
         exp = algo.experience(stage, rollout)
+        policy = stage.groups["policy"]
+        forward = policy.gather(policy.scatter("logprobs", exp["rows"], entropy=True))  # before the update
         train = algo.train(stage, exp, 1)
         after = stage.logprobs(exp["rows"])
         cfg.rollout.dynamic_sampling = True
@@ -97,7 +99,7 @@ def grpo_first_step(sft_model_dir, quick, tmp_path_factory):
         # A reward that is the same for every response: every group is dropped, in all 3 rounds.
         stage.reward_fn = CombinedReward([("constant", 1.0, constant_reward)])
         constant = algo.sample(stage, 3)
-        return {"groups": groups, "rollout": rollout, "exp": exp, "train": train, "after": after,
+        return {"groups": groups, "rollout": rollout, "exp": exp, "forward": forward, "train": train, "after": after,
                 "gold": stage.gold, "dynamic": dynamic, "constant": constant}
     finally:
         stage.shutdown()
@@ -126,6 +128,26 @@ def test_grpo_starts_policy_and_reference_only_and_computes_group_advantages(grp
         want = (r - r.mean()) / (r.std() + 1e-6)
         assert float(traj.advantages[0, 0]) == pytest.approx(float(want[0]), rel=1e-5, abs=1e-6)
     assert out["exp"]["metrics"]["gold/score"] == pytest.approx(float(gold.mean()), abs=1e-6)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_old_logprobs_come_from_the_sampler_and_equal_the_policy_forward(grpo_first_step):
+    """rollout.logprobs_from_sampler (the default): the rollout carries each token's log-prob and
+    each response's entropy from the sampler, the experience uses them instead of a policy
+    forward, and they equal that forward's (fp32) before the update."""
+    out = grpo_first_step
+    rollout, traj, forward = out["rollout"], out["exp"]["trajectory"], out["forward"]
+    assert len(rollout["sampler_logprobs"]) == len(rollout["response"]) == len(forward)
+    for i, (sampled, fwd) in enumerate(zip(rollout["sampler_logprobs"], forward)):
+        n = len(rollout["response"][i])
+        assert sampled.shape == (n,)
+        torch.testing.assert_close(sampled, fwd["logprobs"], atol=2e-5, rtol=0)
+        torch.testing.assert_close(traj.logprobs[i, :n], sampled)
+        assert rollout["sampler_entropy"][i] == pytest.approx(fwd["entropy"], rel=1e-4, abs=1e-4)
+    tokens = float(traj.mask.sum())
+    assert out["exp"]["metrics"]["objective/entropy"] == pytest.approx(
+        sum(f["entropy"] for f in forward) / tokens, rel=1e-4)
+    assert float(traj.logprobs.sum()) < -1  # real sampled tokens, not certain ones
 
 
 @pytest.mark.usefixtures("ray_session")

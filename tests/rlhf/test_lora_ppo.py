@@ -97,11 +97,13 @@ def test_ppo_with_lora_uses_the_adapter_off_reference(ppo_lora):
     # No reference group (the policy's adapter off) and no reward group (the value model's).
     assert out["groups"] == ("policy", "value")
     m1, m2 = out["metrics"][1], out["metrics"][2]
-    # Step 1: B = 0, so the policy is its own adapter-off reference: every token's log-ratio is 0.
-    assert m1["objective/kl"] == 0.0 and m1["objective/kl_per_token"] == 0.0
-    assert m1["objective/non_score_reward"] == 0.0
+    # Step 1: B = 0, so the policy is its own adapter-off reference: every token's log-ratio is 0,
+    # up to float rounding (the policy's log-probs come from the sampler, the reference's from a
+    # forward: ~1e-7 per sequence).
+    assert abs(m1["objective/kl"]) < 1e-5 and abs(m1["objective/kl_per_token"]) < 1e-6
+    assert abs(m1["objective/non_score_reward"]) < 1e-6
     # After one update the adapter is no longer a no-op: the policy has left the reference.
-    assert math.isfinite(m2["objective/kl"]) and abs(m2["objective/kl_per_token"]) > 1e-5
+    assert math.isfinite(m2["objective/kl"]) and abs(m2["objective/kl_per_token"]) > 1e-4
     assert all(math.isfinite(m[k]) for m in (m1, m2) for k in ("loss/policy", "loss/value", "policy/grad_norm",
                                                                  "value/grad_norm"))
     final = out["final"]
