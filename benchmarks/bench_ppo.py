@@ -7,7 +7,7 @@ same rollout size and response length.
 Variants: `ours` (PPO with a value model), `ours-grpo` (our GRPO at TRL's settings: 2 samples per
 prompt, the k3 KL as a loss term, the reward model as the reward; policy, reference and reward
 groups), `ours-grpo-refpol` (the same with `reference_on_policy`: the policy actor holds the
-reference, so 2 groups), `trl`.
+reference, so 2 groups), `ours-grpo-onegroup` (`reward_on_policy` too: 1 group), `trl`.
 
 TRL 1.16 ships no PPOTrainer (`hasattr(trl, "PPOTrainer")` is False, and none is under
 trl.experimental), so the peer is its GRPOTrainer, the trainer a TRL user runs for online RL from a
@@ -57,9 +57,11 @@ def our_config(a):
     critic_free = dict(advantage=AdvantageConfig(estimator="grpo"), rollout=RolloutConfig(group_size=2),
                        kl=KLConfig(coef=KL, estimator="k3", mode="loss")) if grpo else dict(kl=KLConfig(coef=KL))
     # ours-grpo-refpol: the policy actor holds the reference too (2 groups: policy, reward model).
-    groups = 2 if a.child == "ours-grpo-refpol" else 3 if grpo else 4
+    # ours-grpo-onegroup: the policy actor holds the reference and the reward model (1 group).
+    groups = {"ours-grpo-refpol": 2, "ours-grpo-onegroup": 1}.get(a.child, 3 if grpo else 4)
     return PPOConfig(model=ModelConfig(name_or_path=a.model), reward_model=a.reward, data=C.data_config(a.data),
-                     **critic_free, reference_on_policy=a.child == "ours-grpo-refpol",
+                     **critic_free, reference_on_policy=a.child in ("ours-grpo-refpol", "ours-grpo-onegroup"),
+                     reward_on_policy=a.child == "ours-grpo-onegroup",
                      ray=RayConfig(cpus_per_actor=os.cpu_count() / groups, object_store_memory=256 * C.MIB),
                      rollout_batch_size=ROLLOUT, generation_batch_size=ROLLOUT, ppo_epochs=EPOCHS,
                      num_minibatches=MINIBATCHES, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
@@ -133,7 +135,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="rollouts per run (the first is warm-up)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--variants", default="ours,trl")
-    p.add_argument("--child", choices=["ours", "ours-grpo", "ours-grpo-refpol", "trl"])
+    p.add_argument("--child", choices=["ours", "ours-grpo", "ours-grpo-refpol", "ours-grpo-onegroup", "trl"])
     p.add_argument("--model", help=f"policy of both (default {C.MODEL}); reward and value models are its "
                                    "scalar-head copy")
     p.add_argument("--out", default="ppo", help="results file stem (benchmarks/results/OUT.md and OUT.json)")
@@ -177,6 +179,7 @@ def main() -> None:
             "rollouts 2..N of every run.", ""]
     label = {"ours": "ours (PPO: policy + value)", "ours-grpo": "ours (GRPO, K=2: policy only)",
              "ours-grpo-refpol": "ours (GRPO, K=2, reference on the policy actor)",
+             "ours-grpo-onegroup": "ours (GRPO, K=2, reference and reward model on the policy actor)",
              "trl": "TRL GRPOTrainer (policy only)"}
     for v in (x for x in variants if x.startswith("ours")):
         steady = [s for r in res[v] for s in r["steps"][1:]]  # step 1 is warm-up
@@ -193,6 +196,7 @@ def main() -> None:
         infer = seq_tokens / med("time/inference")
         groups = {"ours-grpo": "three groups x 1 actor (policy, reference, reward model), 0.67 CPU each",
                   "ours-grpo-refpol": "two groups x 1 actor (policy holding the reference, reward model), 1 CPU each",
+                  "ours-grpo-onegroup": "one group of 1 actor (policy holding the reference and the reward model), 2 CPUs",
                   }.get(v, "four groups x 1 actor (policy, value, reference, reward), 0.5 CPU = 1 torch thread each")
         trained = 1 if v.startswith("ours-grpo") else 2
         text += [f"{label[v]}: {groups}, ZeRO-0, micro-batch 16.", "",

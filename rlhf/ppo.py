@@ -138,6 +138,10 @@ class PPOConfig(StageConfig):
     # policy ranks always serve it (their adapter off). The `reference` section's zero_stage
     # still applies to that copy.
     reference_on_policy: bool = False
+    # The same for the reward model (when a reward.fns term is reward_model): the policy ranks
+    # hold it and score the rollouts, so no reward group. With reference_on_policy, GRPO from a
+    # reward model runs as one group. The `reward` section's zero_stage still applies to that copy.
+    reward_on_policy: bool = False
     policy: GroupConfig = field(default_factory=GroupConfig)
     value: GroupConfig = field(default_factory=GroupConfig)
     reference: GroupConfig = field(default_factory=GroupConfig)
@@ -214,6 +218,9 @@ class PPOConfig(StageConfig):
         if self.model.lora.enabled and self.reference_model not in (None, self.model.name_or_path):
             raise ConfigError(f"reference_model: with model.lora the reference is the base model "
                               f"({self.model.name_or_path}) with the adapter off; unset reference_model or model.lora.r")
+        if self.reward_on_policy and self.reward_on_value:
+            raise ConfigError("reward_on_policy: with model.lora and a value model started from the reward model, "
+                              "the value ranks already serve the reward (adapters off); unset reward_on_policy")
         if self.uses_reward_model and not self.reward_model:
             raise ConfigError("reward_model: a reward.fns term is 'reward_model'; set reward_model to the "
                               "reward-model stage's directory, or use other reward.fns (gold, a rule)")

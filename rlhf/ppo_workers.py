@@ -147,6 +147,8 @@ class PolicyWorker:
         self.generate_fn = partial(de.generate, self.engine, backend=cfg.generation_backend)
         self.ref_engine = (build_reference_engine(cfg, self.tokenizer)
                            if cfg.reference_on_policy and not cfg.adapter_reference else None)
+        self.reward_scorer = (RewardScorer(cfg, self.tokenizer)
+                              if cfg.reward_on_policy and cfg.uses_reward_model else None)
         self.step, self.driver_state = 0, {}
         state = de.load_checkpoint(self.engine, self._ckpt_dir()) if cfg.train.resume else None
         if state is not None:
@@ -225,6 +227,11 @@ class PolicyWorker:
         with as_reference(self.engine):
             return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, temperature=temperature)
 
+    @torch.no_grad()
+    def reward_scores(self, rows: Sequence[Row]) -> List[float]:
+        """The frozen reward model's normalised scores, from this rank's copy (reward_on_policy)."""
+        return self.reward_scorer.scores(rows)
+
     def train_minibatch(self, rows: Sequence[Row], num_tokens: float) -> Dict[str, Dict[str, float]]:
         """One optimizer step on this rank's share of a minibatch (gradient accumulation over
         micro-batches). `num_tokens` is the minibatch's response-token count over ALL ranks, so
@@ -274,7 +281,7 @@ class PolicyWorker:
         return self.de.export_hf(self.engine, self.tokenizer, out_dir, merge=self.cfg.export.merge)
 
     def close(self) -> None:
-        self.engine = self.generate_fn = self.ref_engine = None
+        self.engine = self.generate_fn = self.ref_engine = self.reward_scorer = None
 
 
 class ValueWorker:
@@ -402,26 +409,35 @@ class ReferenceWorker:
         self.engine = None
 
 
-class RewardWorker:
-    """One rank of the frozen reward model: score at the last token, normalised with the
-    reward_mean / reward_std that the reward-model stage stored in its config.json."""
+class RewardScorer:
+    """The frozen reward model: score at the last token, normalised with the reward_mean /
+    reward_std that the reward-model stage stored in its config.json."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.model)
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.pad_id = cfg, tokenizer.pad_token_id
         # Frozen: no adapter (the policy's model.lora is not for the reward model).
         model = build_scalar_model(replace(cfg.model, name_or_path=cfg.reward_model, tokenizer=None,
-                                           lora=LoRAConfig()), self.tokenizer, seed=cfg.seed)
+                                           lora=LoRAConfig()), tokenizer, seed=cfg.seed)
         self.mean, self.std = reward_normalization(model.config) if cfg.normalize_reward else (0.0, 1.0)
-        self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free), group_deepspeed(cfg, cfg.reward, trained=False),
-                                          cfg.optim)
+        self.engine = de.init_eval_engine(TokenScalars(model, cfg.model.padding_free),
+                                          group_deepspeed(cfg, cfg.reward, trained=False), cfg.optim)
 
     @torch.no_grad()
     def scores(self, rows: Sequence[Row]) -> List[float]:
-        return _scores(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, self.mean, self.std)
+        return _scores(self.engine, rows, self.pad_id, self.cfg, self.mean, self.std)
+
+
+class RewardWorker:
+    """One rank of the reward group: a RewardScorer."""
+
+    def __init__(self, cfg):
+        self.scorer = RewardScorer(cfg, build_tokenizer(cfg.model))
+
+    def scores(self, rows: Sequence[Row]) -> List[float]:
+        return self.scorer.scores(rows)
 
     def close(self) -> None:
-        self.engine = None
+        self.scorer = None
 
 
 def _scores(engine, rows: Sequence[Row], pad_id: int, cfg, mean: float, std: float) -> List[float]:

@@ -48,10 +48,10 @@ def groups_for(cfg) -> Tuple[str, ...]:
     """The groups a run starts: the value model only for an estimator that needs one (gae), the
     reward model only when a reward.fns term is "reward_model", the reference only without LoRA
     (with it, the policy ranks serve the reference with their adapter off, and a value model
-    started from the reward model serves the reward; with reference_on_policy the policy ranks
-    hold a reference copy). Everything else iterates over the groups present."""
+    started from the reward model serves the reward; with reference_on_policy / reward_on_policy
+    the policy ranks hold a reference / reward model copy). Everything else iterates over the groups present."""
     return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
-                 and (g != "reward" or cfg.uses_reward_model and not cfg.reward_on_value)
+                 and (g != "reward" or cfg.uses_reward_model and not cfg.reward_on_value and not cfg.reward_on_policy)
                  and (g != "reference" or not cfg.reference_served_by_policy))
 
 
@@ -160,6 +160,8 @@ class RolloutStage:
     def _route(self, group: str, method: str = "logprobs") -> Tuple[str, str]:
         """The (group, method) that serves `group.method`: with LoRA, the reference's log-probs
         come from the policy group and the reward from the value group, adapters off."""
+        if group == "reward" and self.cfg.reward_on_policy:
+            return "policy", "reward_scores"
         if group in ON_ADAPTER_OFF and group not in self.groups and ON_ADAPTER_OFF[group][0] in self.groups:
             return ON_ADAPTER_OFF[group]
         return group, method

@@ -31,6 +31,9 @@ def constant_reward(prompts, responses, extras):
     # A reward-model term brings the reward group back, not the value group.
     (GRPO, ["reward_model=/rm", "reward.fns=[{fn: gold}, {fn: reward_model, weight: 0.5}]"],
      ("policy", "reference", "reward")),
+    # ... unless the policy ranks hold both frozen models: GRPO from a reward model as one group.
+    (GRPO, ["reward_model=/rm", "reward.fns=[{fn: reward_model}]", "reference_on_policy=true",
+            "reward_on_policy=true"], ("policy",)),
 ])
 def test_groups_for_starts_value_and_reward_groups_only_when_needed(path, overrides, groups):
     from rlhf.ppo import PPOConfig

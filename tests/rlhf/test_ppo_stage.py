@@ -188,7 +188,9 @@ def test_larger_beta_keeps_policy_closer_to_reference(small_beta, large_beta):
 @pytest.mark.usefixtures("ray_session")
 def test_two_actor_zero3_policy_matches_one_actor_and_resumes(ppo_config, large_beta, tmp_path_factory):
     """The 1-actor run's first rollout through a colocated 2-actor ZeRO-3 policy: the same old
-    log-probs, values, advantages, losses and updated policy (float32 reduction order aside).
+    log-probs (its forward against the 1-actor sampler's), values, advantages, losses and updated
+    policy (float32 reduction order aside); the 2 policy ranks also hold the reward model
+    (reward_on_policy), so the same advantages say the same scores.
     Sampling itself differs with the number of ranks (each rank draws its share with its own
     generator), so the rollout is replayed rather than re-sampled. Then the stage resumes from
     the 2-actor checkpoint: one real ZeRO-3 step (generation included), evaluation, export."""
@@ -198,10 +200,14 @@ def test_two_actor_zero3_policy_matches_one_actor_and_resumes(ppo_config, large_
     run_dir = tmp_path_factory.mktemp("ppo_two")
     cfg = ppo_config(run_dir, **{"kl.coef": 0.5, "policy.num_actors": 2, "policy.zero_stage": 3, "colocate": True,
                                  "ray.cpus_per_actor": 1, "deepspeed.param_persistence_threshold": 0,
-                                 "eval_prompts": 16, "eval_at_start": False, "train.max_steps": 2})
+                                 "eval_prompts": 16, "eval_at_start": False, "train.max_steps": 2,
+                                 "reward_on_policy": True})
     two = ppo.start(cfg)
+    assert sorted(two.groups) == ["policy", "reference", "value"]  # the policy ranks score the rollouts
+    # Without the 1-actor sampler's log-probs, so the ZeRO-3 policy's own forward computes them.
+    rollout = {k: v for k, v in one["rollout"].items() if not k.startswith("sampler_")}
     try:
-        exp = two.algorithm.experience(two, one["rollout"])
+        exp = two.algorithm.experience(two, rollout)
         train = two.algorithm.train(two, exp, 1)
         after = two.logprobs(exp["rows"])
         two.save_checkpoint(1)
