@@ -81,15 +81,17 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = 0,
                   eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, return_logprobs: bool = False,
-                  candidates: int = 256, return_entropy: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                  candidates: int = 256,
+                  return_entropy: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Samples up to `max_new_tokens` per row of left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns (B, P + N) ids, prompt then new tokens (pad after
     a row's EOS; N <= max_new_tokens, fewer when every row ended), like `generate`; with
     `return_logprobs`, also (B, N) log-probs of the new tokens (0 after EOS); with `return_entropy`
-    as well, then (B, N) entropies of the distributions they were drawn from (the same convention). `eos_token_id`: one
-    id or several (any of them ends a row). An architecture align.models.kv_decode does not
-    handle is sampled by the model's own `generate` (without log-probs).
+    as well, then (B, N) entropies of the distributions they were drawn from (same convention).
+    `eos_token_id`: one id or several (any of them ends a row). An architecture
+    align.models.kv_decode does not handle is sampled by the model's own `generate` (without
+    log-probs).
     """
     if top_k not in (None, 0):
         raise ValueError("fast_generate does not implement top_k; use top_p")

@@ -227,7 +227,6 @@ class PolicyWorker:
         with as_reference(self.engine):
             return _logprobs(self.engine, rows, self.tokenizer.pad_token_id, self.cfg, temperature=temperature)
 
-    @torch.no_grad()
     def reward_scores(self, rows: Sequence[Row]) -> List[float]:
         """The frozen reward model's normalised scores, from this rank's copy (reward_on_policy)."""
         return self.reward_scorer.scores(rows)
@@ -326,7 +325,6 @@ class ValueWorker:
             out += [values[i, : len(r["response"])].cpu() for i, r in enumerate(part)]
         return out
 
-    @torch.no_grad()
     def reward_scores(self, rows: Sequence[Row]) -> List[float]:
         """With LoRA and the value model started from the reward model: the reward model's
         normalised scores, from this model with its adapters off and its original score head

@@ -49,7 +49,8 @@ def groups_for(cfg) -> Tuple[str, ...]:
     reward model only when a reward.fns term is "reward_model", the reference only without LoRA
     (with it, the policy ranks serve the reference with their adapter off, and a value model
     started from the reward model serves the reward; with reference_on_policy / reward_on_policy
-    the policy ranks hold a reference / reward model copy). Everything else iterates over the groups present."""
+    the policy ranks hold a reference / reward model copy). Everything else iterates over the
+    groups present."""
     return tuple(g for g in GROUP_ORDER if (g != "value" or cfg.uses_value_model)
                  and (g != "reward" or cfg.uses_reward_model and not cfg.reward_on_value and not cfg.reward_on_policy)
                  and (g != "reference" or not cfg.reference_served_by_policy))
